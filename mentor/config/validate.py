@@ -1,0 +1,223 @@
+"""Compose, validate and resolve the run config, once, on the driver.
+
+``compose(config_name, overrides)`` builds the Hydra config from ``configs/``; ``validate(cfg)`` checks value
+combinations and makes paths absolute, returning the typed :class:`MentorRunConfig`. Every error is a
+:class:`ConfigError` naming the key at fault and how to fix it. Workers receive the validated object and never
+rewrite it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from mentor.config.schema import MentorRunConfig, register_configs
+
+CONFIG_DIR = Path(os.environ.get("MENTOR_CONFIG_DIR", Path(__file__).resolve().parents[2] / "configs"))
+"""The yaml directory (``configs/`` at the repo root; override with MENTOR_CONFIG_DIR)."""
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+_DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+class ConfigError(ValueError):
+    """A config value or combination is invalid; the message names the key."""
+
+
+def _tiny_resolver(name: str) -> str:
+    """``${tiny:policy}`` -> path of an embedded tiny asset (built on first use by the entry points)."""
+    from mentor.models.tiny import tiny_paths
+
+    paths = tiny_paths()
+    if name not in paths:
+        raise ConfigError(f"${{tiny:{name}}}: unknown tiny asset {name!r}; choose one of {sorted(paths)}")
+    return str(paths[name])
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("tiny"):
+        OmegaConf.register_new_resolver("tiny", _tiny_resolver)
+
+
+register_configs()
+register_resolvers()
+
+
+def compose(config_name: str = "mentor", overrides: list[str] | None = None) -> DictConfig:
+    """Compose ``configs/<config_name>.yaml`` with dotted overrides (``worker.rollout.n=8``)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+            return hydra_compose(config_name=config_name, overrides=list(overrides or []))
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(_explain(err)) from err
+
+
+def _explain(err: Exception) -> str:
+    """Turn Hydra/OmegaConf errors into one message that leads with the offending key."""
+    text = str(err).strip()
+    key = getattr(err, "full_key", None)
+    match = re.search(r"full_key: ([\w.\[\]]+)", text) or re.search(r"override '([^']+)'", text)
+    if key is None and match:
+        key = match.group(1)
+    hint = ""
+    if "not in struct" in text or "not in '" in text:
+        hint = " (unknown key: check the spelling against `python -m mentor.config --help` / configs/mentor.yaml)"
+    return f"config key `{key}`: {text}{hint}" if key else f"invalid config: {text}"
+
+
+def validate(cfg: DictConfig | MentorRunConfig) -> MentorRunConfig:
+    """Check a composed config and return it typed, with absolute paths. Raises ConfigError naming the key."""
+    if isinstance(cfg, DictConfig):
+        try:
+            OmegaConf.resolve(cfg)
+            obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(MentorRunConfig), cfg))
+        except OmegaConfBaseException as err:
+            raise ConfigError(_explain(err)) from err
+    else:
+        obj = cfg
+    _check_values(obj)
+    _resolve_paths(obj)
+    return obj
+
+
+def _require(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key `{key}`: {msg}")
+
+
+def _check_values(c: MentorRunConfig) -> None:
+    d, a, act, ro, t = c.data, c.algorithm, c.worker.actor, c.worker.rollout, c.trainer
+    mixed = a.adv_estimator == "mixed_grpo"
+    _require(a.adv_estimator in ("grpo", "mixed_grpo"), "algorithm.adv_estimator",
+             f"{a.adv_estimator!r} is not one of 'grpo', 'mixed_grpo'")
+    _require(d.rollout_batch_size >= 1, "data.rollout_batch_size", "must be >= 1")
+    _require(d.max_prompt_length >= 1, "data.max_prompt_length", "must be >= 1")
+    _require(d.max_response_length >= 1, "data.max_response_length", "must be >= 1")
+    _require(ro.n >= 2, "worker.rollout.n", f"is {ro.n}; GRPO needs >= 2 on-policy samples per prompt (N_on)")
+    _require(ro.spec_k >= 1, "worker.rollout.spec_k", f"is {ro.spec_k}; K must be >= 1")
+    _require(ro.temperature >= 0, "worker.rollout.temperature", "must be >= 0")
+    _require(0 < ro.top_p <= 1, "worker.rollout.top_p", f"is {ro.top_p}; must be in (0, 1]")
+    _require(ro.top_k == -1 or ro.top_k >= 1, "worker.rollout.top_k", "must be -1 (off) or >= 1")
+    _require(ro.name in ("hf", "vllm"), "worker.rollout.name", f"{ro.name!r} is not one of 'hf', 'vllm'")
+    _require(ro.val.n >= 1, "worker.rollout.val.n", "must be >= 1")
+    _require(act.clip_ratio_low > 0 and act.clip_ratio_high > 0, "worker.actor.clip_ratio_low/high", "must be > 0")
+    _require(act.clip_ratio_dual > 1, "worker.actor.clip_ratio_dual", f"is {act.clip_ratio_dual}; must be > 1")
+    _require(act.loss_agg_mode in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"),
+             "worker.actor.loss_agg_mode", f"{act.loss_agg_mode!r} is not a known mode")
+    _require(act.kl_loss_type in ("kl", "abs", "mse", "low_var_kl"), "worker.actor.kl_loss_type",
+             f"{act.kl_loss_type!r} is not one of kl, abs, mse, low_var_kl")
+    _require(act.optim.lr_schedule in ("constant", "cosine"), "worker.actor.optim.lr_schedule",
+             "must be 'constant' or 'cosine'")
+    _require(act.ppo_epochs >= 1, "worker.actor.ppo_epochs", "must be >= 1")
+    m = a.mentor
+    _require(0 < m.gamma.percentile < 1, "algorithm.mentor.gamma.percentile",
+             f"is {m.gamma.percentile}; must be strictly between 0 and 1")
+    _require(m.gamma.source in ("measured", "paper", "fixed"), "algorithm.mentor.gamma.source",
+             f"{m.gamma.source!r} is not one of measured, paper, fixed")
+    _require(m.gamma.initial > 0, "algorithm.mentor.gamma.initial", "must be > 0")
+    _require(m.alpha_schedule in ("cosine", "linear", "constant"), "algorithm.mentor.alpha_schedule",
+             f"{m.alpha_schedule!r} is not one of cosine, linear, constant")
+    _require(m.alpha_steps >= 1, "algorithm.mentor.alpha_steps", "must be >= 1")
+    _require(m.n_mix >= 0, "algorithm.mentor.n_mix", "must be >= 0")
+    _require(m.reward_range is None or m.reward_range > 0, "algorithm.mentor.reward_range", "must be > 0")
+    if mixed:
+        _require(m.n_mix >= 1, "algorithm.mentor.n_mix", "mixed_grpo needs >= 1 mixed rollout per prompt")
+        _require(bool(ro.expert.model_path), "worker.rollout.expert.model_path",
+                 "mixed_grpo needs an expert model (set it, or use algorithm.adv_estimator=grpo)")
+    _check_batch_sizes(c, m.n_mix if mixed else 0)
+    _require(t.nnodes >= 1 and t.n_gpus_per_node >= 1, "trainer.n_gpus_per_node", "nnodes and ranks must be >= 1")
+    _require(t.device in ("auto", "cpu", "cuda"), "trainer.device", f"{t.device!r} is not auto, cpu or cuda")
+    _require(t.swanlab_mode in ("auto", "online", "offline", "local", "disabled"), "trainer.swanlab_mode",
+             f"{t.swanlab_mode!r} is not auto, online, offline, local or disabled")
+    for name in t.logger:
+        _require(name in ("console", "jsonl", "swanlab"), "trainer.logger", f"unknown logger {name!r}")
+    _require(t.ray.object_store_memory_mb >= 75, "trainer.ray.object_store_memory_mb", "Ray needs >= 75 MiB")
+    _require(t.max_steps is None or t.max_steps >= 1, "trainer.max_steps", "must be >= 1 or null")
+
+
+def _check_batch_sizes(c: MentorRunConfig, n_mix: int) -> None:
+    d, act, t = c.data, c.worker.actor, c.trainer
+    world = t.nnodes * (1 if not t.use_ray else t.n_gpus_per_node)
+    per_prompt = c.worker.rollout.n + n_mix
+    _require(act.global_batch_size >= 1, "worker.actor.global_batch_size", "must be >= 1")
+    _require(d.rollout_batch_size % act.global_batch_size == 0, "worker.actor.global_batch_size",
+             f"data.rollout_batch_size={d.rollout_batch_size} is not divisible by "
+             f"worker.actor.global_batch_size={act.global_batch_size} (prompts per mini-batch)")
+    samples = act.global_batch_size * per_prompt
+    _require(samples % world == 0, "worker.actor.global_batch_size",
+             f"a mini-batch of {act.global_batch_size} prompts x {per_prompt} responses = {samples} samples "
+             f"does not split over {world} ranks (trainer.nnodes x trainer.n_gpus_per_node)")
+    per_rank = samples // world
+    if not act.use_dynamic_bsz:
+        _require(act.micro_batch_size_per_device >= 1 and per_rank % act.micro_batch_size_per_device == 0,
+                 "worker.actor.micro_batch_size_per_device",
+                 f"{act.micro_batch_size_per_device} does not divide the {per_rank} samples per rank per mini-batch")
+
+
+def _resolve_paths(c: MentorRunConfig) -> None:
+    """Make local paths absolute (no chdir anywhere); check that files exist unless they are hub ids."""
+    c.data.train_files = _data_path(c.data.train_files, "data.train_files")
+    c.data.val_files = _data_path(c.data.val_files, "data.val_files")
+    if c.data.format_prompt:
+        c.data.format_prompt = _local_path(c.data.format_prompt, "data.format_prompt")
+    c.worker.actor.model_path = _model_path(c.worker.actor.model_path, "worker.actor.model_path")
+    if c.worker.rollout.expert.model_path:
+        c.worker.rollout.expert.model_path = _model_path(c.worker.rollout.expert.model_path,
+                                                         "worker.rollout.expert.model_path")
+    rf = c.worker.reward.reward_function
+    if rf != "math":
+        file, sep, fn = rf.rpartition(":")
+        _require(bool(sep and file and fn), "worker.reward.reward_function",
+                 f"{rf!r} is neither 'math' nor 'path/to/file.py:function_name'")
+        c.worker.reward.reward_function = f"{_local_path(file, 'worker.reward.reward_function')}:{fn}"
+    out = c.trainer.output_dir or os.path.join("outputs", c.trainer.project_name, c.trainer.experiment_name)
+    c.trainer.output_dir = os.path.abspath(os.path.expanduser(out))
+
+
+def _is_tiny(path: str) -> bool:
+    from mentor.models.tiny import tiny_paths
+
+    root = Path(tiny_paths()["policy"]).resolve().parent
+    return Path(path).resolve().is_relative_to(root)
+
+
+def _local_path(path: str, key: str) -> str:
+    full = os.path.abspath(os.path.expanduser(path))
+    _require(os.path.exists(full), key, f"path {full} does not exist")
+    return full
+
+
+def _model_path(path: str, key: str) -> str:
+    full = os.path.abspath(os.path.expanduser(path))
+    if os.path.exists(full) or _is_tiny(full):
+        return full
+    _require(bool(_HUB_ID.match(path)) and not path.startswith((".", "/", "~")), key,
+             f"{path!r} is neither an existing directory nor a hub id like 'Qwen/Qwen2.5-7B'")
+    return path
+
+
+def _data_path(spec: str, key: str) -> str:
+    full = os.path.abspath(os.path.expanduser(spec))
+    if os.path.exists(full) or (spec.endswith(_DATA_SUFFIXES) and _is_tiny(full)):
+        return full
+    _require(not spec.endswith(_DATA_SUFFIXES) and not spec.startswith((".", "/", "~")), key,
+             f"file {full} does not exist")
+    name = spec.split(":", 1)[0]
+    _require(bool(_HUB_ID.match(name) or re.match(r"^[\w.\-]+$", name)), key,
+             f"{spec!r} is neither an existing .jsonl/.json/.parquet file nor an HF dataset 'name[:split]'")
+    return spec
+
+
+def to_yaml(cfg: MentorRunConfig | DictConfig) -> str:
+    """Render a (validated) config as yaml, for printing and for the run directory."""
+    node: Any = OmegaConf.structured(cfg) if isinstance(cfg, MentorRunConfig) else cfg
+    return OmegaConf.to_yaml(node)

@@ -1,0 +1,72 @@
+"""Experiment tracking: console, ``metrics.jsonl`` in the run directory, and SwanLab (offline on CPU by default).
+
+One :class:`Tracker` fans each step's metrics out to the configured backends. Metric names are namespaced
+(``actor/entropy``, ``mentor/accept_rate``, ``timing_s/gen``, ``val/accuracy``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from typing import Any
+
+logger = logging.getLogger("mentor")
+
+CONSOLE_KEYS = ("reward/overall", "reward/accuracy", "reward/accuracy_on", "reward/accuracy_mix", "actor/entropy",
+                "actor/pg_loss", "response_length/mean", "mentor/alpha", "mentor/gamma", "mentor/accept_rate",
+                "val/accuracy", "timing_s/step")
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else (1e308 if value > 0 else -1e308)
+    return value
+
+
+def swanlab_mode(mode: str) -> str:
+    """``auto`` -> ``online`` when SWANLAB_API_KEY is set, else ``offline`` (touches no network)."""
+    if mode == "auto":
+        return "online" if os.environ.get("SWANLAB_API_KEY") else "offline"
+    return mode
+
+
+class Tracker:
+    """Logs a dict of metrics per step to each backend in ``loggers`` (console, jsonl, swanlab)."""
+
+    def __init__(self, loggers: list[str], project: str, experiment: str, output_dir: str,
+                 config: dict[str, Any] | None = None, mode: str = "auto") -> None:
+        self.loggers = list(loggers)
+        os.makedirs(output_dir, exist_ok=True)
+        self.jsonl_path = os.path.join(output_dir, "metrics.jsonl")
+        self._swanlab = None
+        if "swanlab" in self.loggers and swanlab_mode(mode) != "disabled":
+            import swanlab
+
+            self._swanlab = swanlab.init(project=project, name=experiment, config=config or {},
+                                         mode=swanlab_mode(mode), log_dir=os.path.join(output_dir, "swanlog"))
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        clean = {k: _jsonable(v) for k, v in metrics.items()}
+        if "jsonl" in self.loggers:
+            with open(self.jsonl_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": step, **clean}, sort_keys=True) + "\n")
+        if self._swanlab is not None:
+            self._swanlab.log({k: v for k, v in clean.items() if isinstance(v, (int, float))}, step=step)
+        if "console" in self.loggers:
+            shown = [f"{k}={clean[k]:.4g}" for k in CONSOLE_KEYS if isinstance(clean.get(k), (int, float))]
+            logger.info("step %d: %s", step, " ".join(shown))
+
+    def finish(self) -> None:
+        if self._swanlab is not None:
+            self._swanlab.finish()
+            self._swanlab = None
+
+
+def read_metrics(path: str) -> list[dict[str, Any]]:
+    """Rows of a ``metrics.jsonl``."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
