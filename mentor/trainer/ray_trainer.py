@@ -1,0 +1,268 @@
+"""The driver: MENTOR / GRPO training loop over a worker group (single controller).
+
+``fit()`` reads like Algorithm 1 + Eq. 9-11 of the paper: per step, sample prompts; draw N_on on-policy rollouts;
+if alpha > 0, draw N_mix mixed-policy rollouts (speculative, exact) with the entropy threshold gamma_p; reward all;
+score old log-probs and entropies with the actor (gamma_p for the next step comes from these entropies);
+compute advantages (``grpo`` or ``mixed_grpo``); one PPO update over all responses; log; validate.
+
+Shapes: P prompts per step, N_on + N_mix responses per prompt, B = P (N_on + N_mix) rows, Lp/Lr prompt/response.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from mentor.config.schema import MentorRunConfig
+from mentor.config.validate import to_yaml
+from mentor.data.dataset import ResumableSampler, RLDataset
+from mentor.models.loader import load_tokenizer
+from mentor.protocol import Batch
+from mentor.rewards.pool import RewardPool
+from mentor.trainer import core_algos
+from mentor.trainer.metrics import rollout_metrics, validation_metrics
+from mentor.utils.timing import timer
+from mentor.utils.tracking import Tracker
+
+logger = logging.getLogger(__name__)
+
+
+class RayTrainer:
+    """Owns the validated config, the data, the reward pool, the tracker and the worker group."""
+
+    def __init__(self, config: MentorRunConfig, worker_group: Any) -> None:
+        self.config = c = config
+        self.wg = worker_group
+        self.tokenizer = load_tokenizer(c.worker.actor.model_path)
+        d = c.data
+        kw = dict(prompt_key=d.prompt_key, answer_key=d.answer_key, data_source_key=d.data_source_key,
+                  format_prompt=d.format_prompt, system_prompt=d.system_prompt, max_prompt_length=d.max_prompt_length,
+                  filter_overlong_prompts=d.filter_overlong_prompts)
+        self.train_set = RLDataset(d.train_files, self.tokenizer, **kw)
+        self.val_set = RLDataset(d.val_files, self.tokenizer, max_samples=d.max_val_samples, **kw)
+        self.sampler = ResumableSampler(len(self.train_set), d.rollout_batch_size, d.shuffle, d.seed)
+        steps = self.sampler.batches_per_epoch * c.trainer.total_epochs
+        self.total_steps = min(steps, c.trainer.max_steps) if c.trainer.max_steps else steps
+        rw = c.worker.reward
+        self.reward_pool = RewardPool(rw.reward_function, num_workers=rw.num_workers, timeout_s=rw.timeout_s,
+                                      **rw.reward_kwargs)
+        self.mentor = c.algorithm.adv_estimator == "mixed_grpo"
+        m = c.algorithm.mentor
+        self.reward_range = m.reward_range if m.reward_range is not None else self._default_reward_range()
+        self.gamma: float | None = None  # gamma_p measured on the most recent batch the actor scored
+        self.global_step = 0
+        os.makedirs(c.trainer.output_dir, exist_ok=True)
+        with open(os.path.join(c.trainer.output_dir, "config.yaml"), "w") as f:
+            f.write(to_yaml(c))
+        self.tracker = Tracker(c.trainer.logger, c.trainer.project_name, c.trainer.experiment_name,
+                               c.trainer.output_dir, config=_flat_config(c), mode=c.trainer.swanlab_mode)
+
+    def _default_reward_range(self) -> float:
+        w = self.config.worker.reward.reward_kwargs
+        if self.config.worker.reward.reward_function == "math":
+            return float(w.get("accuracy_weight", 0.9)) + float(w.get("format_weight", 0.1))
+        return 1.0
+
+    # ---- the loop ------------------------------------------------------------------------------------------
+
+    def init_workers(self) -> None:
+        self.wg.init_model(self.total_steps)
+
+    def fit(self) -> dict[str, Any]:
+        """Train for ``total_steps``; returns the last step's metrics and the validation history."""
+        c = self.config
+        history = []
+        if c.trainer.val_before_train:
+            val = self.validate()
+            self.tracker.log(val, step=0)
+            history.append({"step": 0, **val})
+        metrics: dict[str, Any] = {}
+        for _ in tqdm(range(self.global_step, self.total_steps), desc="train", unit="step", dynamic_ncols=True):
+            self.global_step += 1
+            metrics = self.train_step(self.global_step)
+            last = self.global_step == self.total_steps
+            if c.trainer.val_freq > 0 and (self.global_step % c.trainer.val_freq == 0 or last):
+                val = self.validate()
+                metrics.update(val)
+                history.append({"step": self.global_step, **val})
+            self.tracker.log(metrics, step=self.global_step)
+        self.tracker.finish()
+        self.reward_pool.close()
+        return {"last": metrics, "val_history": history}
+
+    def train_step(self, step: int) -> dict[str, Any]:
+        c, m = self.config, self.config.algorithm.mentor
+        metrics: dict[str, Any] = {}
+        with timer("step", metrics):
+            prompts = self.sample_prompts()  # [P]
+            self.wg.sync_rollout_weights()
+            with timer("gen", metrics):
+                batch = self.generate(prompts, c.worker.rollout.n, "on", step, metrics)  # [P*N_on, ...]
+            alpha = self.alpha(step)
+            if self.mentor and alpha > 0:
+                with timer("gen_mixed", metrics):
+                    gamma = self.gamma_for_step(batch, step)
+                    mixed = self.generate(prompts, m.n_mix, "mixed", step, metrics, gamma=gamma)  # [P*N_mix, ...]
+                batch = self.group_by_prompt(Batch.concat([batch, mixed]))  # [P*(N_on+N_mix), ...]
+                metrics.update({"mentor/alpha": alpha, "mentor/gamma": gamma})
+            elif self.mentor:
+                metrics.update({"mentor/alpha": 0.0})
+            with timer("reward", metrics):
+                self.compute_rewards(batch, metrics)
+            with timer("old_log_prob", metrics):
+                batch = batch.union(self.wg.compute_log_probs(batch))
+                self.update_gamma(batch)
+            if c.worker.actor.use_kl_loss:
+                with timer("ref", metrics):
+                    batch = batch.union(self.wg.compute_ref_log_probs(batch))
+            with timer("adv", metrics):
+                self.compute_advantages(batch, alpha)
+            with timer("update_actor", metrics):
+                metrics.update(_mean_over_ranks(self.wg.update_actor(batch)))
+        metrics.update(rollout_metrics(batch, self.tokenizer, m.reasoning_words))
+        metrics["training/global_step"] = step
+        metrics["training/epoch"] = self.sampler.epoch
+        return metrics
+
+    # ---- phases --------------------------------------------------------------------------------------------
+
+    def sample_prompts(self) -> Batch:
+        """The next P prompts: non-tensors ``prompt_ids``, ``ground_truth``, ``data_source``, ``uid``."""
+        items = [self.train_set[i] for i in self.sampler.next_batch()]
+        return _prompt_batch(items)
+
+    def generate(self, prompts: Batch, n: int, phase: str, step: int, metrics: dict | None = None,
+                 gamma: float | None = None, temperature: float | None = None) -> Batch:
+        """n responses per prompt (rows interleaved: prompt 0's n rows, then prompt 1's ...)."""
+        ro = self.config.worker.rollout
+        rep = prompts.repeat(n, interleave=True)
+        rep.meta.update(phase=phase, step=step, temperature=ro.temperature if temperature is None else temperature,
+                        top_p=ro.top_p, top_k=ro.top_k)
+        if phase.startswith("val"):
+            rep.meta.update(top_p=ro.val.top_p, top_k=-1)
+        if gamma is not None:
+            rep.meta["gamma"] = gamma
+        out = self.wg.generate(rep)
+        stats = out.meta.pop("metrics", {})
+        if metrics is not None:
+            metrics.update(_engine_metrics(stats, phase))
+        out.meta.clear()
+        base = rep.select(rep.non_tensor_keys)
+        base.meta.clear()
+        out = base.union(out)
+        out["is_mixed"] = torch.full((len(out),), phase == "mixed", dtype=torch.bool)
+        return out
+
+    @staticmethod
+    def group_by_prompt(batch: Batch) -> Batch:
+        """Stable reorder so that each prompt's rollouts are adjacent (on-policy first, then mixed)."""
+        uids = list(batch["uid"])
+        first = {u: i for i, u in reversed(list(enumerate(uids)))}
+        order = sorted(range(len(uids)), key=lambda i: (first[uids[i]], i))
+        return batch.index(order)
+
+    def alpha(self, step: int) -> float:
+        m = self.config.algorithm.mentor
+        return core_algos.alpha_schedule(step - 1, m.alpha0, m.alpha_steps, m.alpha_schedule)
+
+    def gamma_for_step(self, on_policy: Batch, step: int) -> float:
+        """gamma_p for this step's mixed rollouts (see ``algorithm.mentor.gamma.source``)."""
+        g = self.config.algorithm.mentor.gamma
+        if g.source == "fixed" or (g.source == "paper" and self.gamma is None):
+            return g.initial
+        if self.gamma is None:  # step 1: score this step's on-policy rollouts first
+            self.update_gamma(on_policy.union(self.wg.compute_log_probs(on_policy)))
+        return self.gamma
+
+    def update_gamma(self, scored: Batch) -> None:
+        g = self.config.algorithm.mentor.gamma
+        q = float(core_algos.masked_quantile(scored["entropies"], scored["response_mask"], g.percentile))
+        self.gamma = max(q, g.floor) if g.floor is not None else q
+
+    def compute_rewards(self, batch: Batch, metrics: dict[str, Any]) -> None:
+        """Scores from the reward pool, placed on each response's last token: ``token_level_scores`` [B, Lr]."""
+        texts = self.tokenizer.batch_decode(_response_ids(batch), skip_special_tokens=True)
+        inputs = [{"response": t, "ground_truth": gt, "data_source": ds}
+                  for t, gt, ds in zip(texts, batch["ground_truth"], batch["data_source"])]
+        scores, stats = self.reward_pool.score(inputs)
+        overall = torch.tensor([s["overall"] for s in scores], dtype=torch.float32)
+        mask = batch["response_mask"]
+        last = (mask.sum(-1) - 1).clamp(min=0)
+        token_scores = torch.zeros(mask.shape, dtype=torch.float32)
+        token_scores[torch.arange(len(batch)), last] = overall
+        batch["token_level_scores"] = token_scores
+        batch["token_level_rewards"] = token_scores
+        for key in ("overall", "accuracy", "format"):
+            batch[f"reward_{key}"] = torch.tensor([float(s.get(key, 0.0)) for s in scores])
+        metrics.update(stats.as_metrics())
+
+    def compute_advantages(self, batch: Batch, alpha: float) -> None:
+        c = self.config
+        rewards, mask, index = batch["token_level_rewards"], batch["response_mask"], batch["uid"]
+        if self.mentor and bool(batch["is_mixed"].any()):
+            adv, ret = core_algos.compute_mixed_grpo_advantage(
+                rewards, mask, index, batch["is_mixed"], alpha, self.reward_range, c.algorithm.norm_eps)
+        else:
+            adv, ret = core_algos.compute_grpo_outcome_advantage(rewards, mask, index, c.algorithm.norm_eps)
+        batch["advantages"], batch["returns"] = adv, ret
+
+    # ---- validation ----------------------------------------------------------------------------------------
+
+    def validate(self) -> dict[str, float]:
+        """Greedy pass@1, and avg@k / unbiased pass@k at ``worker.rollout.val.temperature``, per data source."""
+        ro = self.config.worker.rollout
+        prompts = _prompt_batch(self.val_set.items)
+        self.wg.sync_rollout_weights()
+        results: dict[str, Any] = {}
+        if ro.val.greedy:
+            greedy = self.generate(prompts, 1, "val_greedy", self.global_step, temperature=0.0)
+            results["greedy"] = self._val_scores(greedy)
+        sampled = self.generate(prompts, ro.val.n, "val_sample", self.global_step, temperature=ro.val.temperature)
+        results["sampled"] = self._val_scores(sampled)
+        return validation_metrics(results, prompts, ro.val.n)
+
+    def _val_scores(self, batch: Batch) -> dict[str, np.ndarray]:
+        texts = self.tokenizer.batch_decode(_response_ids(batch), skip_special_tokens=True)
+        inputs = [{"response": t, "ground_truth": gt, "data_source": ds}
+                  for t, gt, ds in zip(texts, batch["ground_truth"], batch["data_source"])]
+        scores, _ = self.reward_pool.score(inputs)
+        return {"accuracy": np.array([s.get("accuracy", 0.0) for s in scores], dtype=float),
+                "overall": np.array([s["overall"] for s in scores], dtype=float),
+                "length": batch["response_mask"].sum(-1).numpy().astype(float)}
+
+
+def _prompt_batch(items: list) -> Batch:
+    return Batch(non_tensors={"prompt_ids": [i.prompt_ids for i in items], "ground_truth": [i.ground_truth for i in items],
+                              "data_source": [i.data_source for i in items], "uid": [i.uid for i in items]})
+
+
+def _response_ids(batch: Batch) -> list[list[int]]:
+    return [r[m.bool()].tolist() for r, m in zip(batch["responses"], batch["response_mask"])]
+
+
+def _engine_metrics(stats: dict[str, list[float]], phase: str) -> dict[str, float]:
+    """Engine stat sums (one value per rank) -> rates."""
+    total = {k: float(sum(v)) if isinstance(v, list) else float(v) for k, v in stats.items()}
+    if phase != "mixed":
+        return {}
+    tokens = max(total.get("tokens_emitted", 0.0), 1.0)
+    return {"mentor/accept_rate": total.get("drafts_accepted", 0.0) / max(total.get("drafts_proposed", 0.0), 1.0),
+            "mentor/mean_w": total.get("w_sum", 0.0) / tokens,
+            "mentor/guided_frac": total.get("tokens_guided", 0.0) / tokens,
+            "mentor/expert_passes_per_token": total.get("expert_row_passes", 0.0) / tokens}
+
+
+def _mean_over_ranks(per_rank: list[dict[str, float]]) -> dict[str, float]:
+    keys = per_rank[0].keys()
+    return {k: float(np.mean([r[k] for r in per_rank])) for k in keys}
+
+
+def _flat_config(c: MentorRunConfig) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.structured(c), resolve=True)

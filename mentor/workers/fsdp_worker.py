@@ -1,0 +1,227 @@
+"""The co-located worker: FSDP2 actor (+ optional reference) + rollout engine + resident expert, one per rank.
+
+Each rank holds a shard of the policy (``fully_shard`` per decoder layer, then the root), a full inference copy
+for the rollout engine (refreshed from the shards by :meth:`FSDPWorker.sync_rollout_weights` every step), and,
+for MENTOR, the expert (loaded once, inference only, its own dtype). The driver calls the ``@register``-ed
+methods through a worker group; ``DP_COMPUTE`` methods receive this rank's slice of the batch.
+CPU: gloo, fp32. GPU: nccl, bf16 compute with fp32 master weights and fp32 gradient reduction.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Iterator
+
+import torch
+
+from mentor.config.schema import MentorRunConfig
+from mentor.models.loader import (check_same_vocabulary, eos_token_ids, load_causal_lm, load_tokenizer,
+                                  resolve_dtype)
+from mentor.protocol import Batch
+from mentor.single_controller import Dispatch, Worker, register
+from mentor.workers.actor import Actor
+from mentor.workers.rollout.base import SamplingParams, build_sequences, positions_from_mask
+
+logger = logging.getLogger(__name__)
+
+PHASES = {"on": 1, "mixed": 2, "val_greedy": 3, "val_sample": 4}
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def sampling_seed(base: int, step: int, rank: int, phase: str) -> int:
+    """Seed of one rank's sampling in one phase of one step: reproducible and resumable."""
+    return (base * 1_000_003 + step * 10_007 + rank * 101 + PHASES[phase]) % (2**63 - 1)
+
+
+def lr_lambda(warmup: int, total: int, schedule: str, min_ratio: float):
+    """Linear warm-up over ``warmup`` optimizer steps, then constant or cosine down to ``min_ratio``."""
+
+    def fn(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return fn
+
+
+def iter_full_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, full tensor) for every parameter and buffer of an FSDP2 model; DTensors are all-gathered.
+
+    A collective: every rank must iterate completely, in the same order.
+    """
+    for name, tensor in model.state_dict().items():
+        yield name, tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def pad_to_width(seqs: dict[str, torch.Tensor], prompt_length: int, response_length: int,
+                 pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad :func:`build_sequences` output to fixed widths [B, prompt_length + response_length], so the slices
+    of all ranks concatenate; the actor trims all-padding columns again per micro-batch."""
+    pad = torch.nn.functional.pad
+    left = prompt_length - seqs["prompts"].shape[1]
+    right = response_length - seqs["responses"].shape[1]
+    if left < 0 or right < 0:
+        raise ValueError(f"sequences exceed data.max_prompt_length={prompt_length} or "
+                         f"data.max_response_length={response_length}")
+    prompt_mask = seqs["attention_mask"][:, :seqs["prompts"].shape[1]]
+    prompts = pad(seqs["prompts"], (left, 0), value=pad_id)
+    responses = pad(seqs["responses"], (0, right), value=pad_id)
+    response_mask = pad(seqs["response_mask"], (0, right))
+    attention_mask = torch.cat([pad(prompt_mask, (left, 0)), response_mask], dim=1)
+    return {"prompts": prompts, "responses": responses, "response_mask": response_mask,
+            "input_ids": torch.cat([prompts, responses], dim=1), "attention_mask": attention_mask,
+            "position_ids": positions_from_mask(attention_mask)}
+
+
+class FSDPWorker(Worker):
+    """Actor + rollout (+ expert, + reference) for one rank."""
+
+    def __init__(self, config: MentorRunConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.device_type = resolve_device(config.trainer.device)
+        self.dev = torch.device(f"cuda:{self.local_rank}") if self.device_type == "cuda" else torch.device("cpu")
+
+    # ---- set-up --------------------------------------------------------------------------------------------
+
+    @register(Dispatch.ONE_TO_ALL)
+    def init_model(self, total_training_steps: int) -> dict:
+        """Load and shard the policy, build the optimizer, rollout engine, expert and reference."""
+        c = self.config
+        torch.manual_seed(c.trainer.seed)
+        if self.device_type == "cpu" and os.environ.get("OMP_NUM_THREADS"):
+            torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+        self.init_distributed("nccl" if self.device_type == "cuda" else "gloo")
+        act = c.worker.actor
+        self.tokenizer = load_tokenizer(act.model_path)
+        model = load_causal_lm(act.model_path, torch.float32, act.fsdp.attn_implementation)
+        if act.fsdp.activation_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model = self._shard(model)
+        optim = act.optim
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=optim.lr, betas=tuple(optim.betas),
+                                           weight_decay=optim.weight_decay)
+        updates = total_training_steps * act.ppo_epochs * (c.data.rollout_batch_size // act.global_batch_size)
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(optim.lr_warmup_steps, updates, optim.lr_schedule, optim.min_lr_ratio))
+        self.actor = Actor(self.model, act, self.optimizer, self.lr_scheduler, self.world_size)
+        self._init_rollout()
+        self.ref = None
+        if act.use_kl_loss:
+            ref = load_causal_lm(act.model_path, torch.float32, act.fsdp.attn_implementation)
+            ref.requires_grad_(False)
+            self.ref = Actor(self._shard(ref), act, world_size=self.world_size)
+        n_params = sum(p.numel() for p in model.parameters())
+        return {"rank": self.rank, "params": n_params, "device": self.device_type}
+
+    def _shard(self, model: torch.nn.Module) -> torch.nn.Module:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        fsdp = self.config.worker.actor.fsdp
+        mesh = init_device_mesh(self.device_type, (self.world_size,))
+        mp = None
+        if self.device_type == "cuda":
+            mp = MixedPrecisionPolicy(param_dtype=resolve_dtype(fsdp.param_dtype, "cuda"),
+                                      reduce_dtype=resolve_dtype(fsdp.reduce_dtype, "cuda"))
+        kwargs = {"mesh": mesh, "reshard_after_forward": fsdp.reshard_after_forward}
+        if mp is not None:
+            kwargs["mp_policy"] = mp
+        model.to(self.dev)
+        for layer in model.model.layers:
+            fully_shard(layer, **kwargs)
+        fully_shard(model, **kwargs)
+        return model
+
+    def _init_rollout(self) -> None:
+        from mentor.workers.rollout.hf_engine import HFMixedRolloutEngine, HFRolloutEngine
+
+        c = self.config
+        ro, act = c.worker.rollout, c.worker.actor
+        # The rollout copy is refreshed from the shards before every generation (sync_rollout_weights).
+        self.rollout_model = load_causal_lm(act.model_path, resolve_dtype("auto", self.device_type),
+                                            act.fsdp.attn_implementation).to(self.dev).eval()
+        self.rollout_model.requires_grad_(False)
+        self.eos_ids = eos_token_ids(self.tokenizer, self.rollout_model)
+        self.pad_id = self.tokenizer.pad_token_id
+        self.engine = HFRolloutEngine(self.rollout_model, self.eos_ids, self.pad_id, ro.max_batch_size)
+        self.mixed_engine = None
+        if c.algorithm.adv_estimator == "mixed_grpo":
+            path = ro.expert.model_path
+            expert_tok = load_tokenizer(path, key="worker.rollout.expert.model_path")
+            self.expert = load_causal_lm(path, resolve_dtype(ro.expert.dtype, self.device_type),
+                                         act.fsdp.attn_implementation, key="worker.rollout.expert.model_path")
+            self.expert.to(self.dev).eval().requires_grad_(False)
+            check_same_vocabulary(self.tokenizer, expert_tok, self.rollout_model, self.expert, act.model_path, path)
+            self.mixed_engine = HFMixedRolloutEngine(self.rollout_model, self.expert, self.eos_ids, self.pad_id,
+                                                     ro.max_batch_size)
+
+    # ---- rollout -------------------------------------------------------------------------------------------
+
+    @register(Dispatch.ONE_TO_ALL)
+    @torch.no_grad()
+    def sync_rollout_weights(self) -> None:
+        """Copy the current policy (all-gathered from the FSDP shards) into the rollout model."""
+        params = dict(self.rollout_model.named_parameters())
+        params.update(dict(self.rollout_model.named_buffers()))
+        for name, full in iter_full_weights(self.model):
+            if name in params:
+                params[name].copy_(full.to(params[name].dtype))
+
+    @register(Dispatch.DP_COMPUTE)
+    def generate(self, batch: Batch) -> Batch:
+        """Sample one response per row of ``batch`` (non-tensor ``prompt_ids``).
+
+        meta: ``phase`` (on | mixed | val_greedy | val_sample), ``step``, ``temperature``, ``top_p``, ``top_k``,
+        and for ``mixed`` the entropy threshold ``gamma``. Returns the sequence tensors at fixed widths
+        (data.max_prompt_length, data.max_response_length) and ``meta["metrics"]`` = the engine's stat sums.
+        """
+        c, meta = self.config, batch.meta
+        prompts = [list(map(int, p)) for p in batch["prompt_ids"]]
+        params = SamplingParams(max_new_tokens=c.data.max_response_length, temperature=meta["temperature"],
+                                top_p=meta.get("top_p", 1.0), top_k=meta.get("top_k", -1))
+        gen = torch.Generator(device=self.dev).manual_seed(
+            sampling_seed(c.worker.rollout.seed, meta["step"], self.rank, meta["phase"]))
+        if meta["phase"] == "mixed":
+            out = self.mixed_engine.generate(prompts, params, gen, gamma=meta["gamma"], k=c.worker.rollout.spec_k)
+        else:
+            out = self.engine.generate(prompts, params, gen)
+        seqs = pad_to_width(build_sequences(prompts, out, self.pad_id), c.data.max_prompt_length,
+                            c.data.max_response_length, self.pad_id)
+        return Batch(tensors={k: v.cpu() for k, v in seqs.items()}, meta={"metrics": dict(out.stats)})
+
+    # ---- scoring and update --------------------------------------------------------------------------------
+
+    @register(Dispatch.DP_COMPUTE)
+    def compute_log_probs(self, batch: Batch) -> Batch:
+        """``old_log_probs`` and ``entropies`` [B, Lr] of the current policy at the rollout temperature."""
+        out = self.actor.compute_log_probs(batch.to(self.dev), self._temperature(), with_entropy=True)
+        return Batch(tensors={"old_log_probs": out["log_probs"].cpu(), "entropies": out["entropies"].cpu()})
+
+    @register(Dispatch.DP_COMPUTE)
+    def compute_ref_log_probs(self, batch: Batch) -> Batch:
+        """``ref_log_probs`` [B, Lr] of the frozen reference model."""
+        out = self.ref.compute_log_probs(batch.to(self.dev), self._temperature(), with_entropy=False)
+        return Batch(tensors={"ref_log_probs": out["log_probs"].cpu()})
+
+    @register(Dispatch.DP_COMPUTE)
+    def update_actor(self, batch: Batch) -> dict[str, float]:
+        """PPO update on this rank's slice; returns this rank's metrics."""
+        c = self.config
+        num_mini = c.data.rollout_batch_size // c.worker.actor.global_batch_size
+        metrics = self.actor.update_policy(batch.to(self.dev), self._temperature(), num_mini)
+        return metrics
+
+    def _temperature(self) -> float:
+        t = self.config.worker.rollout.temperature
+        return t if t > 0 else 1.0

@@ -1,0 +1,142 @@
+"""The rollout engine interface: sampling settings, the typed rollout output, and the sequence layout.
+
+Every engine (hf, vllm; on-policy or mixed-policy) takes token-id prompts and returns a
+:class:`RolloutOutput`; :func:`build_sequences` turns prompts and responses into the exact tensors the
+actor scores, so the logits the actor computes at response positions are the ones the engine sampled
+from (same masks, same positions).
+
+Shapes: B batch rows, Lp longest prompt, Lr longest response of the batch, V vocabulary.
+"""
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "RolloutEngine",
+    "RolloutOutput",
+    "SamplingParams",
+    "build_sequences",
+    "check_prompts",
+    "concat_outputs",
+    "left_pad",
+]
+
+
+@dataclass
+class SamplingParams:
+    """How each next token is drawn (the same processing for the policy and the expert)."""
+
+    max_new_tokens: int
+    """Hard cap on response tokens per row (the eos token, if emitted, counts)."""
+    temperature: float = 1.0
+    """Logits are divided by it; 0 means greedy (argmax)."""
+    top_p: float = 1.0
+    """Nucleus mass in (0, 1]; 1 disables."""
+    top_k: int = -1
+    """Keep the k most likely tokens; -1 (or 0) disables."""
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"SamplingParams.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.temperature >= 0:
+            raise ValueError(f"SamplingParams.temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < -1:
+            raise ValueError(f"SamplingParams.top_k must be -1 (disabled) or >= 0, got {self.top_k}")
+
+
+@dataclass
+class RolloutOutput:
+    """Generated responses of one batch.
+
+    responses: [B, Lr] long, right-padded with the pad id; Lr = longest response in this batch.
+    response_mask: [B, Lr] long, 1 on generated tokens (including an emitted eos), 0 on padding.
+    stats: counters summed over rows (never means), so the driver can add them over ranks and
+        chunks; e.g. ``tokens_emitted``; mixed engines add draft/expert counters (see hf_mixed.py).
+    """
+
+    responses: Tensor
+    response_mask: Tensor
+    stats: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def lengths(self) -> Tensor:
+        """[B] long, response length of each row."""
+        return self.response_mask.sum(-1)
+
+
+class RolloutEngine(Protocol):
+    """Anything that turns prompts into responses."""
+
+    def generate(self, prompt_ids: list[list[int]], params: SamplingParams, generator: torch.Generator) -> RolloutOutput:
+        ...
+
+
+def check_prompts(prompt_ids: list[list[int]]) -> None:
+    """Reject empty prompts, naming the row (a response needs at least one token to condition on)."""
+    for row, ids in enumerate(prompt_ids):
+        if len(ids) == 0:
+            raise ValueError(f"prompt_ids[{row}] is empty; every prompt needs at least one token (e.g. BOS)")
+
+
+def left_pad(rows: list[list[int]], pad_id: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """Token lists -> (ids [B, L], mask [B, L]) left-padded to the longest row (L may be 0)."""
+    lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
+    width = int(lengths.max()) if len(rows) else 0
+    # one vectorised scatter, not a Python loop over rows: rollout batches reach 1e5 rows in tests
+    mask = torch.arange(width) >= width - lengths.unsqueeze(-1)  # [B, L] True on the real tokens
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    ids[mask] = torch.tensor([t for r in rows for t in r], dtype=torch.long)
+    mask = mask.long()
+    return ids.to(device), mask.to(device)
+
+
+def positions_from_mask(mask: Tensor) -> Tensor:
+    """position_ids = cumsum(mask) - 1 clamped at 0: each real token's index among the row's real tokens."""
+    return (mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def build_sequences(prompt_ids: list[list[int]], out: RolloutOutput, pad_id: int) -> dict[str, Tensor]:
+    """Prompts + responses -> the tensors the actor scores.
+
+    Returns (on the device of ``out.responses``):
+        prompts [B, Lp] left-padded to the longest prompt; input_ids [B, Lp+Lr] = prompts ++ responses;
+        attention_mask [B, Lp+Lr] (prompt mask ++ response_mask); position_ids [B, Lp+Lr]
+        (cumsum(attention_mask) - 1 clamped at 0); responses [B, Lr]; response_mask [B, Lr].
+        The logits at positions Lp-1 .. Lp+Lr-2 predict responses[:, 0 .. Lr-1].
+    """
+    if len(prompt_ids) != out.responses.shape[0]:
+        raise ValueError(f"{len(prompt_ids)} prompts but {out.responses.shape[0]} responses; they must pair row by row")
+    check_prompts(prompt_ids)
+    device = out.responses.device
+    prompts, prompt_mask = left_pad(prompt_ids, pad_id, device)
+    response_mask = out.response_mask.long()
+    attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
+    return {
+        "prompts": prompts,
+        "responses": out.responses,
+        "response_mask": response_mask,
+        "input_ids": torch.cat([prompts, out.responses], dim=1),
+        "attention_mask": attention_mask,
+        "position_ids": positions_from_mask(attention_mask),
+    }
+
+
+def concat_outputs(outputs: list[RolloutOutput], pad_id: int) -> RolloutOutput:
+    """Stack chunk outputs row-wise, right-padding every chunk to the longest response; stats are added."""
+    width = max((o.responses.shape[1] for o in outputs), default=0)
+    responses, masks, stats = [], [], {}
+    for o in outputs:
+        extra = width - o.responses.shape[1]
+        responses.append(torch.nn.functional.pad(o.responses, (0, extra), value=pad_id))
+        masks.append(torch.nn.functional.pad(o.response_mask, (0, extra), value=0))
+        for key, value in o.stats.items():
+            stats[key] = stats.get(key, 0.0) + value
+    if not outputs:
+        empty = torch.zeros((0, 0), dtype=torch.long)
+        return RolloutOutput(empty, empty.clone(), stats)
+    return RolloutOutput(torch.cat(responses), torch.cat(masks), stats)
