@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The embedded default: set up .venv, build the tiny task + tokenizer + policy/expert models (cached), print the
-# baseline table. Later: a MENTOR training run on CPU ending with a results table and plots.
+# The embedded default, from nothing: set up .venv, build the tiny task + tokenizer + policy/expert (cached after the
+# first time, ~2 min), then train MENTOR on CPU (2 FSDP ranks) and print the results table; plots go to the run dir.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m mentor.models.tiny "$@"
+exec bash examples/train_tiny.sh "$@"

@@ -8,6 +8,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 # One cache for the fixture and for configs that say ${tiny:...} (their resolver reads MENTOR_TINY_DIR).
 os.environ.setdefault("MENTOR_TINY_DIR", str(REPO / ".cache" / "tiny"))
+# Ray workers unpickle test-module classes (e.g. toy workers) by module name: whichever test starts Ray first,
+# its workers must find tests/ on their path.
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO / "tests"), os.environ.get("PYTHONPATH")) if p)
 
 
 @pytest.fixture(scope="session")
@@ -23,3 +26,14 @@ def tiny_assets() -> dict[str, Path]:
     out = default_dir(seed=0)
     build_tiny_assets(out, seed=0)
     return tiny_paths(out)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module: on two shared cores, 2 OpenMP threads run small ops ~20x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

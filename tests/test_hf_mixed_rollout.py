@@ -43,13 +43,7 @@ N_ROWS = 100_000
 CHUNK = 25_000
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Two shared cores: with another busy process, 2 OpenMP threads run these small ops ~20x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_qwen2(seed, vocab, hidden, init, attn="sdpa", layers=2):

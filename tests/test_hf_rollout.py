@@ -20,13 +20,7 @@ EOS = [15]
 PROMPTS = [[1, 2, 3], [4], [5, 6, 7, 8, 9], [2, 2], [9, 8, 7, 6], [3]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Two shared cores: with another busy process, 2 OpenMP threads run these small ops ~20x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_qwen2(seed: int, init: float = 0.3, attn: str = "sdpa", dropout: float = 0.0) -> Qwen2ForCausalLM:

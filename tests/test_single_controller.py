@@ -96,6 +96,9 @@ def make_batch(b: int) -> Batch:
 def ray_session():
     import ray
 
+    # A Ray started by an earlier test module has other CPUs and no tests/ on the workers' path: start afresh.
+    if ray.is_initialized():
+        ray.shutdown()
     # 8 logical CPUs on a 2-core box: groups reserve 1 each; Ray sets OMP_NUM_THREADS=1 per worker.
     init_ray(num_cpus=8, object_store_memory_mb=100, env_vars={"PYTHONPATH": str(Path(__file__).parent)})
     yield

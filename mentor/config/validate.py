@@ -147,11 +147,16 @@ def _check_values(c: MentorRunConfig) -> None:
 def _check_batch_sizes(c: MentorRunConfig, n_mix: int) -> None:
     d, act, t = c.data, c.worker.actor, c.trainer
     world = t.nnodes * (1 if not t.use_ray else t.n_gpus_per_node)
-    per_prompt = c.worker.rollout.n + n_mix
     _require(act.global_batch_size >= 1, "worker.actor.global_batch_size", "must be >= 1")
     _require(d.rollout_batch_size % act.global_batch_size == 0, "worker.actor.global_batch_size",
              f"data.rollout_batch_size={d.rollout_batch_size} is not divisible by "
              f"worker.actor.global_batch_size={act.global_batch_size} (prompts per mini-batch)")
+    # with MENTOR a prompt has n + n_mix responses until alpha reaches 0, then n: both must split evenly
+    for per_prompt in sorted({c.worker.rollout.n + n_mix, c.worker.rollout.n}, reverse=True):
+        _check_split(act, world, per_prompt)
+
+
+def _check_split(act, world: int, per_prompt: int) -> None:
     samples = act.global_batch_size * per_prompt
     _require(samples % world == 0, "worker.actor.global_batch_size",
              f"a mini-batch of {act.global_batch_size} prompts x {per_prompt} responses = {samples} samples "

@@ -117,6 +117,8 @@ class RayTrainer:
             with timer("old_log_prob", metrics):
                 batch = batch.union(self.wg.compute_log_probs(batch))
                 self.update_gamma(batch)
+                if self.mentor:
+                    metrics["mentor/gamma_next"] = self.gamma
             if c.worker.actor.use_kl_loss:
                 with timer("ref", metrics):
                     batch = batch.union(self.wg.compute_ref_log_probs(batch))

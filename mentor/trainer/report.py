@@ -26,6 +26,9 @@ def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, float | None]:
     """Key figures of one run."""
+    def mean(xs: list[float]) -> float | None:
+        return sum(xs) / len(xs) if xs else None
+
     _, val = _series(rows, "val/accuracy")
     passk = sorted({k for r in rows for k in r if k.startswith("val/pass@")}, key=lambda k: int(k.split("@")[1]))
     _, pk = _series(rows, passk[-1]) if passk else ([], [])
@@ -36,13 +39,11 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, float | None]:
     _, acc_mix = _series(rows, "reward/accuracy_mix")
     _, accept = _series(rows, "mentor/accept_rate")
 
-    def mean(xs: list[float]) -> float | None:
-        return sum(xs) / len(xs) if xs else None
-
     return {
         "steps": max((r["step"] for r in rows), default=0),
         "val accuracy (start)": val[0] if val else None,
         "val accuracy (end)": val[-1] if val else None,
+        "val accuracy (mean of evals)": mean(val[1:]) if len(val) > 1 else None,
         f"val {passk[-1].split('/')[-1]} (end)" if passk else "val pass@k (end)": pk[-1] if pk else None,
         "entropy (first step)": ent[0] if ent else None,
         "entropy (last step)": ent[-1] if ent else None,
@@ -86,7 +87,8 @@ def plot_runs(runs: dict[str, list[dict[str, Any]]], out_dir: str) -> list[str]:
         ax.set_xlabel("step")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.lines:
+            ax.legend()
         fig.tight_layout()
         path = os.path.join(out_dir, key.replace("/", "_") + ".png")
         fig.savefig(path, dpi=110)

@@ -42,6 +42,8 @@ class Tracker:
         self.loggers = list(loggers)
         os.makedirs(output_dir, exist_ok=True)
         self.jsonl_path = os.path.join(output_dir, "metrics.jsonl")
+        if os.path.exists(self.jsonl_path):  # a fresh run replaces the metrics of an earlier one
+            os.remove(self.jsonl_path)
         self._swanlab = None
         if "swanlab" in self.loggers and swanlab_mode(mode) != "disabled":
             import swanlab
