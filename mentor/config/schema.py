@@ -286,9 +286,17 @@ class TrainerConfig:
     save_freq: int = -1
     """Checkpoint every N steps; -1 = never."""
     save_limit: int = 3
-    """Keep the newest N checkpoints."""
+    """Keep the newest N checkpoints (the best-validation one is never deleted); <= 0 keeps all."""
+    save_dir: Optional[str] = None
+    """Checkpoint directory; None = <output_dir>/checkpoints."""
+    save_hf_model: bool = False
+    """Also write an HF folder (``hf/``, loadable by from_pretrained and vLLM) into every checkpoint."""
+    save_on_signal: bool = True
+    """On SIGTERM/SIGINT finish the current step, write a checkpoint and exit."""
     resume: str = "auto"
-    """``auto`` | ``disable`` | a checkpoint path."""
+    """``auto`` (latest complete checkpoint in save_dir, else start fresh) | ``disable`` | a checkpoint path."""
+    max_consecutive_bad_steps: int = 5
+    """Abort after this many optimizer steps in a row were skipped for a non-finite grad norm."""
     seed: int = 1
     """Global seed (model init-free here; sampling and shuffles derive from it)."""
     ray: RayConfig = field(default_factory=RayConfig)

@@ -10,8 +10,11 @@ Shapes: P prompts per step, N_on + N_mix responses per prompt, B = P (N_on + N_m
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import threading
 from typing import Any
 
 import numpy as np
@@ -26,6 +29,8 @@ from mentor.protocol import Batch
 from mentor.rewards.pool import RewardPool
 from mentor.trainer import core_algos
 from mentor.trainer.metrics import rollout_metrics, validation_metrics
+from mentor.utils import checkpoint as ckpt
+from mentor.utils.rng import capture_rng_state, restore_rng_state
 from mentor.utils.timing import timer
 from mentor.utils.tracking import Tracker
 
@@ -56,11 +61,18 @@ class RayTrainer:
         self.reward_range = m.reward_range if m.reward_range is not None else self._default_reward_range()
         self.gamma: float | None = None  # gamma_p measured on the most recent batch the actor scored
         self.global_step = 0
+        self.val_history: list[dict[str, Any]] = []
+        self.stop_signal: int | None = None
         os.makedirs(c.trainer.output_dir, exist_ok=True)
         with open(os.path.join(c.trainer.output_dir, "config.yaml"), "w") as f:
             f.write(to_yaml(c))
+        self.save_dir = c.trainer.save_dir or os.path.join(c.trainer.output_dir, "checkpoints")
+        self.resume_path = ckpt.resolve_resume(c.trainer.resume, self.save_dir)
+        self.resume_state = ckpt.load_driver_state(self.resume_path) if self.resume_path else None
+        tracked = (self.resume_state or {}).get("tracker", {})
         self.tracker = Tracker(c.trainer.logger, c.trainer.project_name, c.trainer.experiment_name,
-                               c.trainer.output_dir, config=_flat_config(c), mode=c.trainer.swanlab_mode)
+                               c.trainer.output_dir, config=_flat_config(c), mode=c.trainer.swanlab_mode,
+                               resume_lines=tracked.get("metrics_lines"), swanlab_run_id=tracked.get("swanlab_run_id"))
 
     def _default_reward_range(self) -> float:
         w = self.config.worker.reward.reward_kwargs
@@ -72,28 +84,93 @@ class RayTrainer:
 
     def init_workers(self) -> None:
         self.wg.init_model(self.total_steps)
+        if self.resume_path:
+            self.wg.load_checkpoint(self.resume_path)
+            self._restore(self.resume_state)
+            logger.info("resumed from %s at step %d", self.resume_path, self.global_step)
 
     def fit(self) -> dict[str, Any]:
-        """Train for ``total_steps``; returns the last step's metrics and the validation history."""
+        """Train up to ``total_steps``; returns the last step's metrics and the validation history."""
         c = self.config
-        history = []
-        if c.trainer.val_before_train:
-            val = self.validate()
-            self.tracker.log(val, step=0)
-            history.append({"step": 0, **val})
         metrics: dict[str, Any] = {}
-        for _ in tqdm(range(self.global_step, self.total_steps), desc="train", unit="step", dynamic_ncols=True):
-            self.global_step += 1
-            metrics = self.train_step(self.global_step)
-            last = self.global_step == self.total_steps
-            if c.trainer.val_freq > 0 and (self.global_step % c.trainer.val_freq == 0 or last):
-                val = self.validate()
-                metrics.update(val)
-                history.append({"step": self.global_step, **val})
-            self.tracker.log(metrics, step=self.global_step)
-        self.tracker.finish()
-        self.reward_pool.close()
-        return {"last": metrics, "val_history": history}
+        with _StopOnSignal(self) if c.trainer.save_on_signal else contextlib.nullcontext():
+            try:
+                if c.trainer.val_before_train and self.global_step == 0:
+                    val = self.validate()
+                    self.tracker.log(val, step=0)
+                    self.val_history.append({"step": 0, **val})
+                bar = tqdm(total=self.total_steps, initial=self.global_step, desc="train", unit="step",
+                           dynamic_ncols=True)
+                while self.global_step < self.total_steps and self.stop_signal is None:
+                    self.global_step += 1
+                    metrics = self.train_step(self.global_step)
+                    self._validate_if_due(metrics)
+                    self.tracker.log(metrics, step=self.global_step)
+                    self._check_bad_steps(metrics)
+                    last = self.global_step == self.total_steps
+                    due = c.trainer.save_freq > 0 and (self.global_step % c.trainer.save_freq == 0 or last)
+                    if due or self.stop_signal is not None:
+                        self.save_checkpoint()
+                    bar.update(1)
+                bar.close()
+            except Exception as err:
+                if type(err).__name__ == "WorkerDiedError":
+                    raise TrainingAborted(f"{err}. {self._last_good()}") from err
+                raise
+            finally:
+                self.tracker.finish()
+                self.reward_pool.close()
+        if self.stop_signal is not None:
+            logger.warning("stopped by signal %d after step %d; %s", self.stop_signal, self.global_step,
+                           self._last_good())
+        return {"last": metrics, "val_history": self.val_history}
+
+    def _validate_if_due(self, metrics: dict[str, Any]) -> None:
+        c = self.config
+        last = self.global_step == self.total_steps
+        if c.trainer.val_freq > 0 and (self.global_step % c.trainer.val_freq == 0 or last):
+            val = self.validate()
+            metrics.update(val)
+            self.val_history.append({"step": self.global_step, **val})
+
+    def _check_bad_steps(self, metrics: dict[str, Any]) -> None:
+        check_bad_steps(metrics, self.config.trainer.max_consecutive_bad_steps, self._last_good())
+
+    # ---- checkpoints ---------------------------------------------------------------------------------------
+
+    def _last_good(self) -> str:
+        path = ckpt.find_latest_checkpoint(self.save_dir)
+        if path is None:
+            return f"No checkpoint was written in {self.save_dir}."
+        return f"Last good checkpoint: {path} (rerun with trainer.resume=auto to continue from it)."
+
+    def save_checkpoint(self) -> str:
+        """Atomic checkpoint of the whole run at ``global_step`` (see mentor/utils/checkpoint.py for the order)."""
+        step = self.global_step
+        tmp = ckpt.begin_checkpoint(self.save_dir, step)
+        self.wg.save_checkpoint(tmp)
+        if self.config.trainer.save_hf_model:
+            self.wg.export_hf(os.path.join(tmp, "hf"))
+        state = {"global_step": step, "sampler": self.sampler.state_dict(), "gamma": self.gamma,
+                 "alpha_step": step, "val_history": self.val_history, "rng": capture_rng_state(),
+                 "tracker": {"metrics_lines": ckpt.count_lines(self.tracker.jsonl_path),
+                             "swanlab_run_id": self.tracker.swanlab_run_id}}
+        ckpt.save_driver_state(tmp, state)
+        path = ckpt.finalize_checkpoint(self.save_dir, step)
+        ckpt.rotate_checkpoints(self.save_dir, self.config.trainer.save_limit, protect=self._best_val_step())
+        logger.info("checkpoint %s", path)
+        return path
+
+    def _best_val_step(self) -> set[int]:
+        scored = [h for h in self.val_history if h.get("val/accuracy") is not None and h["step"] > 0]
+        return {max(scored, key=lambda h: h["val/accuracy"])["step"]} if scored else set()
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.global_step = int(state["global_step"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.gamma = state["gamma"]
+        self.val_history = list(state.get("val_history", []))
+        restore_rng_state(state["rng"])
 
     def train_step(self, step: int) -> dict[str, Any]:
         c, m = self.config, self.config.algorithm.mentor
@@ -236,6 +313,41 @@ class RayTrainer:
         return {"accuracy": np.array([s.get("accuracy", 0.0) for s in scores], dtype=float),
                 "overall": np.array([s["overall"] for s in scores], dtype=float),
                 "length": batch["response_mask"].sum(-1).numpy().astype(float)}
+
+
+class TrainingAborted(RuntimeError):
+    """Training cannot go on; the message says why and names the last good checkpoint."""
+
+
+def check_bad_steps(metrics: dict[str, Any], limit: int, last_good: str) -> None:
+    """Abort once ``limit`` optimizer steps in a row were skipped for a non-finite loss or grad norm."""
+    bad = int(metrics.get("actor/consecutive_bad_steps", 0))
+    if limit > 0 and bad >= limit:
+        raise TrainingAborted(f"{bad} optimizer steps in a row had a non-finite loss or grad norm (limit "
+                              f"trainer.max_consecutive_bad_steps={limit}); check the learning rate and data. "
+                              f"{last_good}")
+
+
+class _StopOnSignal:
+    """SIGTERM/SIGINT -> finish the current step, checkpoint, stop. A second SIGINT interrupts at once."""
+
+    def __init__(self, trainer: RayTrainer) -> None:
+        self.trainer, self.previous = trainer, {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.trainer.stop_signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.trainer.stop_signal = signum
+        logger.warning("signal %d: stopping after this step with a checkpoint (Ctrl-C again to abort now)", signum)
+
+    def __enter__(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self._handle)
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def _prompt_batch(items: list) -> Batch:

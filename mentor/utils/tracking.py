@@ -38,18 +38,31 @@ class Tracker:
     """Logs a dict of metrics per step to each backend in ``loggers`` (console, jsonl, swanlab)."""
 
     def __init__(self, loggers: list[str], project: str, experiment: str, output_dir: str,
-                 config: dict[str, Any] | None = None, mode: str = "auto") -> None:
+                 config: dict[str, Any] | None = None, mode: str = "auto", resume_lines: int | None = None,
+                 swanlab_run_id: str | None = None) -> None:
+        """``resume_lines``: resuming: keep the first N lines of metrics.jsonl (those up to the checkpoint; steps
+        logged after it are logged again, never twice). None: a fresh run replaces an earlier run's file."""
+        from mentor.utils.checkpoint import truncate_lines
+
         self.loggers = list(loggers)
         os.makedirs(output_dir, exist_ok=True)
         self.jsonl_path = os.path.join(output_dir, "metrics.jsonl")
-        if os.path.exists(self.jsonl_path):  # a fresh run replaces the metrics of an earlier one
+        if resume_lines is not None:
+            truncate_lines(self.jsonl_path, resume_lines)
+        elif os.path.exists(self.jsonl_path):
             os.remove(self.jsonl_path)
         self._swanlab = None
         if "swanlab" in self.loggers and swanlab_mode(mode) != "disabled":
             import swanlab
 
+            resume = {"id": swanlab_run_id, "resume": "allow"} if swanlab_run_id else {}
             self._swanlab = swanlab.init(project=project, name=experiment, config=config or {},
-                                         mode=swanlab_mode(mode), log_dir=os.path.join(output_dir, "swanlog"))
+                                         mode=swanlab_mode(mode), log_dir=os.path.join(output_dir, "swanlog"),
+                                         **resume)
+
+    @property
+    def swanlab_run_id(self) -> str | None:
+        return getattr(self._swanlab, "id", None) if self._swanlab is not None else None
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         clean = {k: _jsonable(v) for k, v in metrics.items()}

@@ -209,4 +209,5 @@ class Actor:
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
         return {"actor/grad_norm": norm if math.isfinite(norm) else float("nan"), "actor/lr": lr,
-                "actor/skipped_steps": float(self.skipped_steps)}
+                "actor/skipped_steps": float(self.skipped_steps),
+                "actor/consecutive_bad_steps": float(self.consecutive_bad_steps)}

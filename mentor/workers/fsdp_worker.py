@@ -21,6 +21,7 @@ from mentor.models.loader import (check_same_vocabulary, eos_token_ids, load_cau
                                   resolve_dtype)
 from mentor.protocol import Batch
 from mentor.single_controller import Dispatch, Worker, register
+from mentor.utils.checkpoint import load_worker_checkpoint, save_worker_checkpoint
 from mentor.workers.actor import Actor
 from mentor.workers.rollout.base import SamplingParams, build_sequences, positions_from_mask
 
@@ -52,6 +53,15 @@ def lr_lambda(warmup: int, total: int, schedule: str, min_ratio: float):
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return fn
+
+
+def check_context_length(model: torch.nn.Module, prompt_len: int, response_len: int, path: str) -> None:
+    """data.max_prompt_length + data.max_response_length must fit the model's positions."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and prompt_len + response_len > limit:
+        raise ValueError(f"data.max_prompt_length={prompt_len} + data.max_response_length={response_len} = "
+                         f"{prompt_len + response_len} exceeds the context of worker.actor.model_path={path} "
+                         f"(max_position_embeddings={limit}); lower one of them")
 
 
 def iter_full_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -105,6 +115,7 @@ class FSDPWorker(Worker):
         act = c.worker.actor
         self.tokenizer = load_tokenizer(act.model_path)
         model = load_causal_lm(act.model_path, torch.float32, act.fsdp.attn_implementation)
+        check_context_length(model, c.data.max_prompt_length, c.data.max_response_length, act.model_path)
         if act.fsdp.activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = self._shard(model)
@@ -144,6 +155,8 @@ class FSDPWorker(Worker):
         return model
 
     def _init_rollout(self) -> None:
+        if self.config.worker.rollout.name == "vllm":
+            return self._init_vllm_rollout()
         from mentor.workers.rollout.hf_engine import HFMixedRolloutEngine, HFRolloutEngine
 
         c = self.config
@@ -166,12 +179,48 @@ class FSDPWorker(Worker):
             self.mixed_engine = HFMixedRolloutEngine(self.rollout_model, self.expert, self.eos_ids, self.pad_id,
                                                      ro.max_batch_size)
 
+    def _init_vllm_rollout(self) -> None:
+        """vLLM engines (vllm_engine.py): on-policy, and for MENTOR the mixture target + policy draft engine."""
+        from types import SimpleNamespace
+
+        from transformers import AutoConfig, GenerationConfig
+
+        from mentor.workers.rollout.vllm_engine import VLLMMixedRolloutEngine, VLLMRolloutEngine
+
+        c = self.config
+        ro, act = c.worker.rollout, c.worker.actor
+        try:
+            generation_config = GenerationConfig.from_pretrained(act.model_path)
+        except OSError:
+            generation_config = None
+        # vLLM holds the rollout weights; this stand-in keeps what save_checkpoint/export_hf read from it
+        self.rollout_model = SimpleNamespace(generation_config=generation_config,
+                                             config=AutoConfig.from_pretrained(act.model_path))
+        self.eos_ids = eos_token_ids(self.tokenizer, self.rollout_model)
+        self.pad_id = self.tokenizer.pad_token_id
+        common = dict(eos_token_ids=self.eos_ids, pad_token_id=self.pad_id, config=ro.vllm, device=self.device_type,
+                      seed=ro.seed, max_model_len=c.data.max_prompt_length + c.data.max_response_length,
+                      max_num_seqs=ro.max_batch_size)
+        self.engine = VLLMRolloutEngine(act.model_path, **common)
+        self.mixed_engine = None
+        if c.algorithm.adv_estimator == "mixed_grpo":
+            path = ro.expert.model_path
+            expert = SimpleNamespace(config=AutoConfig.from_pretrained(path))
+            check_same_vocabulary(self.tokenizer, load_tokenizer(path, key="worker.rollout.expert.model_path"),
+                                  self.rollout_model, expert, act.model_path, path)
+            self.mixed_engine = VLLMMixedRolloutEngine(act.model_path, path, k=ro.spec_k, **common)
+
     # ---- rollout -------------------------------------------------------------------------------------------
 
     @register(Dispatch.ONE_TO_ALL)
     @torch.no_grad()
     def sync_rollout_weights(self) -> None:
         """Copy the current policy (all-gathered from the FSDP shards) into the rollout model."""
+        if self.config.worker.rollout.name == "vllm":  # every engine part streams its own all-gather
+            for engine in (self.engine, self.mixed_engine):
+                if engine is not None:
+                    engine.sync_weights(lambda: iter_full_weights(self.model))
+            return
         params = dict(self.rollout_model.named_parameters())
         params.update(dict(self.rollout_model.named_buffers()))
         for name, full in iter_full_weights(self.model):
@@ -225,3 +274,33 @@ class FSDPWorker(Worker):
     def _temperature(self) -> float:
         t = self.config.worker.rollout.temperature
         return t if t > 0 else 1.0
+
+    # ---- checkpoints ---------------------------------------------------------------------------------------
+
+    @register(Dispatch.ONE_TO_ALL)
+    def save_checkpoint(self, path: str) -> None:
+        """This rank's part of checkpoint ``path`` (the driver's ``.tmp-global_step_N``). Collective."""
+        save_worker_checkpoint(path, rank=self.rank, world_size=self.world_size, model=self.model,
+                               optimizer=self.optimizer, lr_scheduler=self.lr_scheduler,
+                               counters={"skipped_steps": self.actor.skipped_steps,
+                                         "consecutive_bad_steps": self.actor.consecutive_bad_steps},
+                               tokenizer=self.tokenizer, generation_config=self.rollout_model.generation_config,
+                               base_model=self.config.worker.actor.model_path)
+
+    @register(Dispatch.ONE_TO_ALL)
+    def load_checkpoint(self, path: str) -> None:
+        """Restore model, optimizer, LR scheduler, this rank's RNG and the actor counters (after init_model)."""
+        counters = load_worker_checkpoint(path, rank=self.rank, world_size=self.world_size, model=self.model,
+                                          optimizer=self.optimizer, lr_scheduler=self.lr_scheduler)
+        self.actor.skipped_steps = int(counters["skipped_steps"])
+        self.actor.consecutive_bad_steps = int(counters["consecutive_bad_steps"])
+
+    @register(Dispatch.ONE_TO_ALL)
+    def export_hf(self, out_dir: str) -> None:
+        """A folder that ``from_pretrained`` and vLLM load (the policy's own dtype). Collective."""
+        from transformers import AutoConfig
+
+        from mentor.export import config_dtype, export_hf
+
+        dtype = config_dtype(AutoConfig.from_pretrained(self.config.worker.actor.model_path))
+        export_hf(self.model, self.tokenizer, self.rollout_model.generation_config, out_dir, dtype=dtype)

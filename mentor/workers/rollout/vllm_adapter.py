@@ -52,6 +52,9 @@ COUNTERS = ("drafts_proposed", "drafts_accepted", "expert_row_passes", "rounds")
 def prepare_environment(device: str) -> None:
     """Environment vLLM reads at import / engine start; call before the first ``import vllm``."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    renderer_log = logging.getLogger("vllm.renderers.base")
+    if not any(isinstance(f, _DropTokenizerlessWarmup) for f in renderer_log.filters):
+        renderer_log.addFilter(_DropTokenizerlessWarmup())
     if device == "cpu":
         os.environ["TORCHDYNAMO_DISABLE"] = "1"
         import torch._dynamo  # the env var is read when dynamo's config is imported, which may have happened
@@ -59,6 +62,14 @@ def prepare_environment(device: str) -> None:
         torch._dynamo.config.disable = True
         # the CPU worker pins its thread count at start; inherit the process's current setting
         os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+
+
+class _DropTokenizerlessWarmup(logging.Filter):
+    """Engines run with ``skip_tokenizer_init`` (token ids in, ids out); vLLM still tries a chat-template
+    warm-up and logs its failure with a traceback at every start. Drop that one record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "Chat template warmup failed"
 
 
 def check_version() -> str:
