@@ -143,6 +143,9 @@ class ActorConfig:
     """Pack micro-batches by a token budget instead of a fixed sample count."""
     max_token_len_per_device: int = 16384
     """Token budget per micro-batch when ``use_dynamic_bsz``."""
+    padding_free: bool = False
+    """Pack each micro-batch's real tokens into one row with restarting position_ids (no padding computed):
+    flash_attention_2 runs varlen attention on GPU, sdpa gets a block-diagonal causal mask. Same log-probs."""
     ppo_epochs: int = 1
     """Passes over each step's data."""
     clip_ratio_low: float = 0.2
@@ -299,6 +302,9 @@ class TrainerConfig:
     """Abort after this many optimizer steps in a row were skipped for a non-finite grad norm."""
     seed: int = 1
     """Global seed (model init-free here; sampling and shuffles derive from it)."""
+    dry_run: bool = False
+    """Compose and validate the config, print it with the resource / batch / step plan, and exit (no models,
+    no Ray, no downloads; runs on CPU for any config)."""
     ray: RayConfig = field(default_factory=RayConfig)
 
 

@@ -68,6 +68,10 @@ def run(cfg: DictConfig | MentorRunConfig) -> dict[str, Any]:
     from mentor.trainer.report import write_report
 
     config = validate(cfg)
+    if config.trainer.dry_run:
+        from mentor.trainer.plan import dry_run
+
+        return dry_run(config)
     ensure_tiny_assets(config)
     wg = make_worker_group(config)
     try:

@@ -27,6 +27,7 @@ from mentor.data.dataset import ResumableSampler, RLDataset
 from mentor.models.loader import load_tokenizer
 from mentor.protocol import Batch
 from mentor.rewards.pool import RewardPool
+from mentor.single_controller import WorkerDiedError
 from mentor.trainer import core_algos
 from mentor.trainer.metrics import rollout_metrics, validation_metrics
 from mentor.utils import checkpoint as ckpt
@@ -92,31 +93,11 @@ class RayTrainer:
     def fit(self) -> dict[str, Any]:
         """Train up to ``total_steps``; returns the last step's metrics and the validation history."""
         c = self.config
-        metrics: dict[str, Any] = {}
         with _StopOnSignal(self) if c.trainer.save_on_signal else contextlib.nullcontext():
             try:
-                if c.trainer.val_before_train and self.global_step == 0:
-                    val = self.validate()
-                    self.tracker.log(val, step=0)
-                    self.val_history.append({"step": 0, **val})
-                bar = tqdm(total=self.total_steps, initial=self.global_step, desc="train", unit="step",
-                           dynamic_ncols=True)
-                while self.global_step < self.total_steps and self.stop_signal is None:
-                    self.global_step += 1
-                    metrics = self.train_step(self.global_step)
-                    self._validate_if_due(metrics)
-                    self.tracker.log(metrics, step=self.global_step)
-                    self._check_bad_steps(metrics)
-                    last = self.global_step == self.total_steps
-                    due = c.trainer.save_freq > 0 and (self.global_step % c.trainer.save_freq == 0 or last)
-                    if due or self.stop_signal is not None:
-                        self.save_checkpoint()
-                    bar.update(1)
-                bar.close()
-            except Exception as err:
-                if type(err).__name__ == "WorkerDiedError":
-                    raise TrainingAborted(f"{err}. {self._last_good()}") from err
-                raise
+                metrics = self._train_loop()
+            except WorkerDiedError as err:
+                raise TrainingAborted(f"{err}. {self._last_good()}") from err
             finally:
                 self.tracker.finish()
                 self.reward_pool.close()
@@ -124,6 +105,28 @@ class RayTrainer:
             logger.warning("stopped by signal %d after step %d; %s", self.stop_signal, self.global_step,
                            self._last_good())
         return {"last": metrics, "val_history": self.val_history}
+
+    def _train_loop(self) -> dict[str, Any]:
+        c = self.config
+        if c.trainer.val_before_train and self.global_step == 0:
+            val = self.validate()
+            self.tracker.log(val, step=0)
+            self.val_history.append({"step": 0, **val})
+        metrics: dict[str, Any] = {}
+        bar = tqdm(total=self.total_steps, initial=self.global_step, desc="train", unit="step", dynamic_ncols=True)
+        while self.global_step < self.total_steps and self.stop_signal is None:
+            self.global_step += 1
+            metrics = self.train_step(self.global_step)
+            self._validate_if_due(metrics)
+            self.tracker.log(metrics, step=self.global_step)
+            self._check_bad_steps(metrics)
+            last = self.global_step == self.total_steps
+            if (c.trainer.save_freq > 0 and (self.global_step % c.trainer.save_freq == 0 or last)) \
+                    or self.stop_signal is not None:
+                self.save_checkpoint()
+            bar.update(1)
+        bar.close()
+        return metrics
 
     def _validate_if_due(self, metrics: dict[str, Any]) -> None:
         c = self.config

@@ -3,7 +3,8 @@
 Batches follow the sequence contract of :func:`mentor.workers.rollout.base.build_sequences`:
 ``input_ids``/``attention_mask``/``position_ids`` [B, Lp+Lr] (prompt left-padded, response right-padded),
 ``responses``/``response_mask`` [B, Lr]. The logits at positions Lp-1 .. Lp+Lr-2 predict the responses.
-Micro-batches are trimmed to their own longest prompt/response, so fixed-width batches cost no extra compute.
+Micro-batches are trimmed to their own longest prompt/response, so fixed-width batches cost no extra compute;
+with ``padding_free`` the real tokens of a micro-batch are packed into one row instead (:func:`pack_sequences`).
 The loss of every micro-batch is normalised by the token (or sequence) count of the whole mini-batch over all
 data-parallel ranks, so gradient accumulation + FSDP averaging give exactly the mini-batch mean.
 """
@@ -62,6 +63,27 @@ def trim(batch: Batch) -> tuple[dict[str, torch.Tensor], int]:
     return out, keep_resp
 
 
+def pack_sequences(seqs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pack the real tokens of trimmed sequences (:func:`trim`) into one row, for padding-free forwards.
+
+    Returns ``input_ids`` [1, T] and ``position_ids`` [1, T] (T = real tokens; positions restart at 0 for each
+    row, from which transformers builds a block-diagonal causal mask for sdpa / varlen flash-attention when
+    ``attention_mask`` is None), and ``index`` [b, Lr']: the packed position whose logits predict response
+    token t of row i (0 where ``response_mask`` is 0).
+    """
+    mask = seqs["attention_mask"].bool()  # [b, L]
+    resp_mask = seqs["response_mask"].bool()  # [b, Lr']
+    prompt_len = mask.shape[1] - resp_mask.shape[1]
+    lengths = mask.sum(-1)  # [b]
+    starts = lengths.cumsum(0) - lengths  # [b] first packed position of each row
+    prompt_tokens = mask[:, :prompt_len].sum(-1)  # [b] >= 1 (build_sequences rejects empty prompts)
+    t = torch.arange(resp_mask.shape[1], device=mask.device)
+    index = (starts + prompt_tokens - 1).unsqueeze(-1) + t  # [b, Lr']: the token before response token t
+    index = torch.where(resp_mask, index, torch.zeros_like(index))
+    # boolean indexing walks rows in order, so each row's tokens stay contiguous and in order
+    return seqs["input_ids"][mask].unsqueeze(0), seqs["position_ids"][mask].unsqueeze(0), index
+
+
 class Actor:
     """PPO actor over ``model`` (HF causal LM, FSDP2-wrapped or plain).
 
@@ -82,9 +104,14 @@ class Actor:
         """log-probs [b, Lr] of the responses and token entropies [b, Lr] (or None) at ``temperature``."""
         seqs, keep = trim(mb)
         resp_len = mb["responses"].shape[1]
-        logits = self.model(input_ids=seqs["input_ids"], attention_mask=seqs["attention_mask"],
-                            position_ids=seqs["position_ids"], use_cache=False).logits
-        logits = logits[:, -keep - 1:-1, :].float()  # [b, Lr', V]: position t predicts response token t
+        if self.config.padding_free:
+            input_ids, position_ids, index = pack_sequences(seqs)
+            logits = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits[0]  # [T, V]
+            logits = logits[index].float()  # [b, Lr', V]
+        else:
+            logits = self.model(input_ids=seqs["input_ids"], attention_mask=seqs["attention_mask"],
+                                position_ids=seqs["position_ids"], use_cache=False).logits
+            logits = logits[:, -keep - 1:-1, :].float()  # [b, Lr', V]: position t predicts response token t
         if temperature > 0:
             logits = logits / temperature
         log_probs = log_probs_from_logits(logits, seqs["responses"])

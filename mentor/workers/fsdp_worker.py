@@ -189,6 +189,9 @@ class FSDPWorker(Worker):
 
         c = self.config
         ro, act = c.worker.rollout, c.worker.actor
+        if ro.vllm.tensor_parallel_size > 1:
+            raise NotImplementedError("worker.rollout.vllm.tensor_parallel_size > 1: the co-located worker gives "
+                                      "every rank its own prompts, a TP group needs them gathered (not implemented)")
         try:
             generation_config = GenerationConfig.from_pretrained(act.model_path)
         except OSError:
@@ -220,6 +223,7 @@ class FSDPWorker(Worker):
             for engine in (self.engine, self.mixed_engine):
                 if engine is not None:
                     engine.sync_weights(lambda: iter_full_weights(self.model))
+                    engine.sleep()  # GPU with enable_sleep_mode: awake only while generating; no-op on CPU
             return
         params = dict(self.rollout_model.named_parameters())
         params.update(dict(self.rollout_model.named_buffers()))
@@ -241,10 +245,13 @@ class FSDPWorker(Worker):
                                 top_p=meta.get("top_p", 1.0), top_k=meta.get("top_k", -1))
         gen = torch.Generator(device=self.dev).manual_seed(
             sampling_seed(c.worker.rollout.seed, meta["step"], self.rank, meta["phase"]))
+        engine = self.mixed_engine if meta["phase"] == "mixed" else self.engine
         if meta["phase"] == "mixed":
-            out = self.mixed_engine.generate(prompts, params, gen, gamma=meta["gamma"], k=c.worker.rollout.spec_k)
+            out = engine.generate(prompts, params, gen, gamma=meta["gamma"], k=c.worker.rollout.spec_k)
         else:
-            out = self.engine.generate(prompts, params, gen)
+            out = engine.generate(prompts, params, gen)
+        if c.worker.rollout.name == "vllm":
+            engine.sleep()  # no-op on CPU
         seqs = pad_to_width(build_sequences(prompts, out, self.pad_id), c.data.max_prompt_length,
                             c.data.max_response_length, self.pad_id)
         return Batch(tensors={k: v.cpu() for k, v in seqs.items()}, meta={"metrics": dict(out.stats)})

@@ -11,8 +11,8 @@ warning at engine start, and the pieces below name the internal they rely on so 
   int64 and writes into that temporary (upstream vllm-project/vllm#55005), so at temperature > 0 the
   per-token temperatures are uninitialised memory and speculative sampling is silently wrong. We probe
   the function on a known input and replace it with plain torch only when the probe fails.
-- ``keep_thread_control``: the CPU worker replaces ``torch.set_num_threads`` with a no-op for the whole
-  process; we put it back after the engine starts (the trainer and the tests still set threads).
+- ``keep_process_state``: the CPU worker replaces ``torch.set_num_threads`` with a no-op for the whole
+  process and the engine reseeds the global RNGs; both are undone after the engine starts.
 - ``MentorWorkerExtension`` (``worker_extension_cls``), methods reached through ``collective_rpc``:
   in-place weight reload of the whole model, of the mixture's policy part and of the draft model
   (vLLM's layerwise ``reload_weights``: CPU weights are pre-packed for oneDNN, a plain ``load_weights``
@@ -39,7 +39,7 @@ __all__ = [
     "MentorWorkerExtension",
     "check_version",
     "fix_cpu_spec_decode",
-    "keep_thread_control",
+    "keep_process_state",
     "prepare_environment",
     "register_mixture_model",
 ]
@@ -120,14 +120,25 @@ def fix_cpu_spec_decode(device: str) -> bool:
 
 
 @contextlib.contextmanager
-def keep_thread_control() -> Iterator[None]:
-    """Restore ``torch.set_num_threads`` (and the thread count) after vLLM's CPU worker replaced it."""
-    original, threads = torch.set_num_threads, torch.get_num_threads()
-    try:
-        yield
-    finally:
-        torch.set_num_threads = original
-        original(threads)
+def keep_process_state() -> Iterator[None]:
+    """Undo what an in-process engine start does to the host process.
+
+    vLLM's CPU worker replaces ``torch.set_num_threads`` with a no-op for the whole process (we put it and
+    the thread count back: the trainer and the tests still set threads), and the engine reseeds the
+    global torch / numpy / random generators with its seed (we restore their states).
+    """
+    import random
+
+    set_threads, threads = torch.set_num_threads, torch.get_num_threads()
+    np_state, py_state = np.random.get_state(), random.getstate()
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+        try:
+            yield
+        finally:
+            torch.set_num_threads = set_threads
+            set_threads(threads)
+            np.random.set_state(np_state)
+            random.setstate(py_state)
 
 
 class MentorWorkerExtension:

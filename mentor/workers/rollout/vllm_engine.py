@@ -38,7 +38,7 @@ import torch
 from mentor.config.schema import VLLMConfig
 from mentor.workers.rollout.base import RolloutOutput, SamplingParams, check_prompts
 from mentor.workers.rollout.hf_mixed import MIXED_STAT_KEYS
-from mentor.workers.rollout.vllm_adapter import (EXTENSION, check_version, fix_cpu_spec_decode, keep_thread_control,
+from mentor.workers.rollout.vllm_adapter import (EXTENSION, check_version, fix_cpu_spec_decode, keep_process_state,
                                                  prepare_environment, register_mixture_model)
 from mentor.workers.rollout.vllm_mixture import MixtureSettings, mixture_overrides
 
@@ -68,6 +68,10 @@ def right_pad(responses: list[list[int]], pad_id: int) -> tuple[torch.Tensor, to
         ids[row, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
         mask[row, :len(tokens)] = 1
     return ids, mask
+
+
+def _world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
 
 class _VLLMEngine:
@@ -100,11 +104,11 @@ class _VLLMEngine:
             kwargs.update(dtype="auto", enforce_eager=config.enforce_eager, enable_sleep_mode=config.enable_sleep_mode,
                           gpu_memory_utilization=config.gpu_memory_utilization,
                           kv_cache_memory_bytes=config.kv_cache_memory_bytes)
-            if config.tensor_parallel_size > 1:
+            if _world_size() > 1:  # co-located ranks: every rank runs its own engine (verl's pattern)
                 kwargs["distributed_executor_backend"] = "external_launcher"
         kwargs.update(extra)
         start = time.perf_counter()
-        with keep_thread_control():
+        with keep_process_state():
             self.llm = LLM(**kwargs)
         fix_cpu_spec_decode(self.device)
         logger.info("vllm %s engine on %s started in %.1f s", self.vllm_version, model_path, time.perf_counter() - start)
@@ -141,6 +145,7 @@ class _VLLMEngine:
     def wake_up(self) -> None:
         if self.asleep:
             self.llm.wake_up()
+            self.llm.reset_prefix_cache()  # sleep discarded the KV blocks the prefix cache points to
             self.asleep = False
 
     # ---- generation -----------------------------------------------------------------------------------

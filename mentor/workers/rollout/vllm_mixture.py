@@ -124,7 +124,9 @@ class MentorMixtureForCausalLM(nn.Module):
         self.policy_hidden = int(hf_config.get_text_config().hidden_size)
         self.settings = MixtureSettings()
         self.row_stats: tuple[Tensor, Tensor] | None = None  # (w [R], tv [R]) of the last compute_logits
-        self._last_policy_hidden: Tensor | None = None
+        sched = vllm_config.scheduler_config
+        self._max_tokens = sched.max_num_batched_tokens + sched.max_num_seqs * 8  # + draft slots
+        self._policy_hidden_buf: Tensor | None = None  # [>= N, Hp], see get_mtp_target_hidden_states
 
     def embed_input_ids(self, input_ids: Tensor) -> Tensor:
         return self.policy.embed_input_ids(input_ids)
@@ -134,13 +136,16 @@ class MentorMixtureForCausalLM(nn.Module):
         """Both models over the same tokens; returns [N, Hp + He] (policy hidden states first)."""
         hp = self.policy(input_ids, positions, intermediate_tensors, inputs_embeds)
         he = self.expert(input_ids, positions, intermediate_tensors, None)
-        self._last_policy_hidden = hp
+        n = hp.shape[0]
+        if self._policy_hidden_buf is None or self._policy_hidden_buf.shape[0] < n:
+            self._policy_hidden_buf = hp.new_empty((max(n, self._max_tokens), hp.shape[1]))
+        self._policy_hidden_buf[:n].copy_(hp)  # a persistent buffer: a captured CUDA graph refills it on replay
         return torch.cat([hp, he.to(hp.dtype)], dim=-1)
 
     def get_mtp_target_hidden_states(self) -> Tensor | None:
-        # vLLM copies the target's hidden states into the drafter's [N, Hp] buffer (unused by draft
-        # models); hand it the policy's part so the concatenated width does not break that copy.
-        return self._last_policy_hidden
+        # vLLM copies the target's hidden states (rows [:N]) into the drafter's [N, Hp] buffer, unused by
+        # draft models; hand it the policy's part so the concatenated width does not break that copy.
+        return self._policy_hidden_buf
 
     def compute_logits(self, hidden_states: Tensor) -> Tensor | None:
         """[R, Hp + He] -> [R, V] = T log q (None on tensor-parallel ranks that do not sample)."""
