@@ -42,7 +42,9 @@ def load_tokenizer(path: str, key: str = "worker.actor.model_path") -> Any:
 def load_causal_lm(path: str, dtype: torch.dtype, attn_implementation: str = "sdpa",
                    key: str = "worker.actor.model_path") -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # one "Loading weights" bar per model and rank drowns the step log
     if os.path.isabs(path) and not os.path.isdir(path):
         raise ModelError(f"{key}={path}: directory does not exist")
     try:

