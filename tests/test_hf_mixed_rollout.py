@@ -192,9 +192,16 @@ def test_bad_arguments_name_the_option(distant_pair):
         engine.generate([[1]], params, gen, gamma=1.0, k=0)
     with pytest.raises(ValueError, match="gamma"):
         engine.generate([[1]], params, gen, gamma=0.0)
-    other = tiny_qwen2(3, VOCAB + 1, 64, 0.3)
-    with pytest.raises(ValueError, match="vocab_size"):
-        HFMixedRolloutEngine(distant_pair[0], other, EOS, PAD).generate([[1]], params, gen, gamma=1.0)
+
+
+def test_differently_padded_logit_rows_are_cut_to_the_shared_vocabulary(distant_pair):
+    # like Qwen2.5-3B (151936 rows) guided by Qwen2.5-7B (152064): the expert's extra rows never get sampled
+    wide = tiny_qwen2(3, VOCAB + 4, 64, 0.3)
+    with torch.no_grad():
+        wide.lm_head.weight[VOCAB:] = 50.0 * wide.lm_head.weight[VOCAB:].sign()  # tempting padded rows
+    engine = HFMixedRolloutEngine(distant_pair[0], wide, [], PAD)
+    out = engine.generate([[1, 2]] * 64, SamplingParams(6), torch.Generator().manual_seed(0), gamma=1e-9)
+    assert out.responses.shape == (64, 6) and int(out.responses.max()) < VOCAB
 
 
 # ----------------------------------------------------------------------------- exactness (statistical)

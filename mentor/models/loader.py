@@ -77,5 +77,9 @@ def check_same_vocabulary(policy_tok: Any, expert_tok: Any, policy_model: torch.
         diff = sorted(t for t in set(pv) | set(ev) if pv.get(t) != ev.get(t))[:5]
         raise ModelError(f"{where} map tokens to different ids (e.g. {diff}); they must share one tokenizer")
     pw, ew = policy_model.config.vocab_size, expert_model.config.vocab_size
-    if pw != ew:
-        raise ModelError(f"{where} have different output vocab sizes (config.vocab_size {pw} vs {ew})")
+    if min(pw, ew) < len(policy_tok):
+        raise ModelError(f"{where}: an output layer (config.vocab_size {pw} vs {ew}) is narrower than the "
+                         f"tokenizer ({len(policy_tok)} tokens)")
+    if pw != ew:  # same tokenizer, differently padded logit rows (e.g. Qwen2.5-3B vs -7B): mix the shared rows
+        logger.warning("%s pad their logits differently (config.vocab_size %d vs %d); mixing the first %d",
+                       where, pw, ew, min(pw, ew))

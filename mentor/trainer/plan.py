@@ -154,8 +154,8 @@ def _memory(c: MentorRunConfig, world: int, policy: ModelFacts | None, expert: M
     if c.worker.actor.use_kl_loss:
         out["reference"] = f"{_size(4 * policy.params / world)} (fp32, sharded)"
     vllm = c.worker.rollout.name == "vllm"
-    where = "in the vLLM engines (on-policy; mixed: target + draft)" if vllm else "hf engine, per rank"
-    out["rollout policy weights"] = f"{_size(weight_bytes * policy.params)} per copy ({where})"
+    where = "in the vLLM engines: on-policy, mixed target + draft" if vllm else "the hf engine's copy"
+    out["rollout policy weights"] = f"{_size(weight_bytes * policy.params)} per copy, per rank ({where})"
     if mixed and expert is not None:
         out["expert"] = f"{_size(weight_bytes * expert.params)} ({_params(expert.params)} params, full copy per rank)"
     if vllm and gpu:
@@ -173,8 +173,9 @@ def _warnings(c: MentorRunConfig, policy: ModelFacts | None, expert: ModelFacts 
         warns.append(f"{c.data.train_files} has {train_rows} rows < data.rollout_batch_size="
                      f"{c.data.rollout_batch_size}: the trainer will refuse to start")
     if mixed and policy and expert and policy.vocab_size != expert.vocab_size:
-        warns.append(f"policy config.vocab_size {policy.vocab_size} != expert {expert.vocab_size}: the workers' "
-                     "vocabulary check (mentor.models.loader.check_same_vocabulary) will refuse this pair at start-up")
+        warns.append(f"policy config.vocab_size {policy.vocab_size} != expert {expert.vocab_size}: the mixture "
+                     f"uses the first {min(policy.vocab_size, expert.vocab_size)} logit rows (the tokenizers' "
+                     "token -> id maps must still be equal; checked at start-up)")
     for name, facts in (("policy", policy), ("expert", expert if mixed else None)):
         if facts and facts.max_positions and seq_max > facts.max_positions:
             warns.append(f"{name}: prompt + response = {seq_max} tokens > max_position_embeddings {facts.max_positions}")

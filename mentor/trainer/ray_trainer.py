@@ -180,7 +180,8 @@ class RayTrainer:
         metrics: dict[str, Any] = {}
         with timer("step", metrics):
             prompts = self.sample_prompts()  # [P]
-            self.wg.sync_rollout_weights()
+            with timer("sync_weights", metrics):
+                self.wg.sync_rollout_weights()
             with timer("gen", metrics):
                 batch = self.generate(prompts, c.worker.rollout.n, "on", step, metrics)  # [P*N_on, ...]
             alpha = self.alpha(step)

@@ -104,6 +104,10 @@ class HFMixedRolloutEngine:
         self.pad_token_id = pad_token_id
         self.max_batch_size = max_batch_size
         self.trace: TraceHook | None = None
+        # Checkpoints of one tokenizer often pad their logit rows differently (Qwen2.5-3B: 151936, 7B: 152064);
+        # the mixture uses the shared leading rows (the caller checked the token -> id maps are equal).
+        widths = (policy.config.vocab_size, expert.config.vocab_size)
+        self.vocab_size = min(widths) if widths[0] != widths[1] else None
         for name, model in (("policy", policy), ("expert", expert)):
             if "sliding_attention" in (getattr(model.config, "layer_types", None) or []):
                 raise ValueError(f"the {name} uses sliding-window attention, whose slot-based window does not "
@@ -130,9 +134,6 @@ class HFMixedRolloutEngine:
             raise ValueError(f"k (drafts per speculative round) must be >= 1, got {k}")
         if math.isnan(gamma) or gamma <= 0:
             raise ValueError(f"gamma (entropy threshold, nats) must be > 0 or inf, got {gamma}")
-        if self.policy.config.vocab_size != self.expert.config.vocab_size:
-            raise ValueError(f"policy vocab_size {self.policy.config.vocab_size} != expert vocab_size "
-                             f"{self.expert.config.vocab_size}; the mixture needs one shared vocabulary")
         outputs = []
         with torch.inference_mode(), eval_mode(self.policy, self.expert):
             for start in range(0, len(prompt_ids), self.max_batch_size):
@@ -147,8 +148,8 @@ class HFMixedRolloutEngine:
         generator: torch.Generator, gamma: float, k: int, mode: str,
     ) -> RolloutOutput:
         device = model_device(self.policy)
-        policy = CachedLM(self.policy, len(prompts), device)
-        expert = CachedLM(self.expert, len(prompts), device)
+        policy = CachedLM(self.policy, len(prompts), device, self.vocab_size)
+        expert = CachedLM(self.expert, len(prompts), device, self.vocab_size)
         pending = prefill([policy, expert], prompts, self.pad_token_id)  # [b]
         buf = ResponseBuffer(len(prompts), params.max_new_tokens, self.eos_token_ids, self.pad_token_id, device)
         rows = torch.arange(len(prompts), device=device)  # buffer row of each batch row

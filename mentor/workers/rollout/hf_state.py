@@ -87,8 +87,9 @@ def eval_mode(*models: torch.nn.Module) -> Iterator[None]:
 class CachedLM:
     """One causal LM with its KV cache and the 2D slot mask [b, S] of that cache."""
 
-    def __init__(self, model: torch.nn.Module, batch: int, device: torch.device):
+    def __init__(self, model: torch.nn.Module, batch: int, device: torch.device, vocab_size: int | None = None):
         self.model = model
+        self.vocab_size = vocab_size  # logits are cut to this width (policy and expert padded differently)
         self.cache = None  # the model builds its own cache type at the first forward
         self.mask = torch.zeros((batch, 0), dtype=torch.long, device=device)
 
@@ -110,7 +111,7 @@ class CachedLM:
             logits_to_keep=1 if last_only else 0,
         )
         self.cache = out.past_key_values
-        return out.logits
+        return out.logits if self.vocab_size is None else out.logits[..., :self.vocab_size]
 
     def mask_tail(self, keep: Tensor) -> None:
         """Mask out slots among the last T: keep [b, T] bool, False = drop that slot from the row's sequence."""
