@@ -59,9 +59,10 @@ COUNTERS = ("drafts_proposed", "drafts_accepted", "expert_row_passes", "rounds")
 def prepare_environment(device: str) -> None:
     """Environment vLLM reads at import / engine start; call before the first ``import vllm``."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    renderer_log = logging.getLogger("vllm.renderers.base")
-    if not any(isinstance(f, _DropTokenizerlessWarmup) for f in renderer_log.filters):
-        renderer_log.addFilter(_DropTokenizerlessWarmup())
+    for name in ("vllm.renderers.base", "vllm.model_executor.model_loader.reload.layerwise"):
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _DropKnownNoise) for f in log.filters):
+            log.addFilter(_DropKnownNoise())
     if device == "cpu":
         os.environ["TORCHDYNAMO_DISABLE"] = "1"
         import torch._dynamo  # the env var is read when dynamo's config is imported, which may have happened
@@ -71,12 +72,16 @@ def prepare_environment(device: str) -> None:
         os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
 
 
-class _DropTokenizerlessWarmup(logging.Filter):
-    """Engines run with ``skip_tokenizer_init`` (token ids in, ids out); vLLM still tries a chat-template
-    warm-up and logs its failure with a traceback at every start. Drop that one record."""
+class _DropKnownNoise(logging.Filter):
+    """Two harmless vLLM warnings, dropped: engines run with ``skip_tokenizer_init`` (token ids in and
+    out) and vLLM still tries a chat-template warm-up, logging its failure with a traceback at every
+    start; and the layerwise weight reload warns for every rotary embedding, whose cos/sin cache is
+    computed, not loaded (it keeps its values, which is right)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.getMessage() != "Chat template warmup failed"
+        message = record.getMessage()
+        return not (message == "Chat template warmup failed"
+                    or message.endswith("RotaryEmbedding: Failed to load weights"))
 
 
 def check_version() -> str:
