@@ -21,7 +21,6 @@ bonus token from the expert alone (the official code) gives TV 0.087 (K = 2) and
 """
 
 import copy
-import itertools
 import logging
 import math
 
@@ -34,6 +33,8 @@ from mentor.workers.rollout.hf_engine import HFMixedRolloutEngine, HFRolloutEngi
 from mentor.workers.rollout.hf_mixed import MIXED_STAT_KEYS
 from mentor.workers.rollout.hf_state import CachedLM
 from mentor.workers.rollout.mixed_policy import mix_probs, policy_entropy, process_logits
+
+from _sequence_dists import exact_joint, sequence_tools
 
 logger = logging.getLogger(__name__)
 
@@ -218,40 +219,7 @@ def stat_pair():
     return policy, perturbed(policy, 12, 0.2)
 
 
-def exact_dists(policy, expert, depth, params):
-    """Policy and expert probs at every prefix of the prompt up to `depth` tokens: lists of [V^d, V]."""
-    ps, ss = [], []
-    with torch.no_grad():
-        for d in range(depth):
-            suffix = torch.tensor(list(itertools.product(range(V), repeat=d)), dtype=torch.long).view(V ** d, d)
-            ids = torch.cat([torch.tensor(PROMPT).expand(V ** d, -1), suffix], dim=1)
-            for model, acc in ((policy, ps), (expert, ss)):
-                logits = model(input_ids=ids).logits[:, -1].double()
-                acc.append(process_logits(logits, params.temperature, params.top_p, params.top_k))
-    return ps, ss
-
-
-def exact_joint(ps, ss, gamma):
-    """prod_t q_t over all sequences: [V^depth] flattened in row-major token order."""
-    joint = torch.ones(1, dtype=torch.float64)
-    for p, s in zip(ps, ss):
-        q, _ = mix_probs(p, s, gamma)
-        joint = (joint.unsqueeze(-1) * q).reshape(-1)
-    return joint
-
-
-def marginal(joint, depth, positions):
-    """Joint of the tokens at `positions` (consecutive) from the full joint over `depth` tokens."""
-    full = joint.view([V] * depth)
-    other = [d for d in range(depth) if d not in positions]
-    return (full.sum(other) if other else full).reshape(-1)
-
-
-def empirical(responses, positions):
-    idx = torch.zeros(responses.shape[0], dtype=torch.long)
-    for pos in positions:
-        idx = idx * V + responses[:, pos]
-    return torch.bincount(idx, minlength=V ** len(positions)).double() / responses.shape[0]
+exact_dists, marginal, empirical = sequence_tools(V, PROMPT)
 
 
 def _tv(a, b):

@@ -19,7 +19,6 @@ Skipped when vllm is not installed (the ``cpu`` extra).
 """
 
 import copy
-import itertools
 import logging
 import math
 
@@ -37,6 +36,7 @@ from mentor.workers.rollout.hf_mixed import MIXED_STAT_KEYS  # noqa: E402
 from mentor.workers.rollout.mixed_policy import mix_probs, policy_entropy, process_logits  # noqa: E402
 from mentor.workers.rollout.vllm_engine import VLLMMixedRolloutEngine  # noqa: E402
 from mentor.workers.rollout.vllm_mixture import MixtureSettings, mixture_target_logits  # noqa: E402
+from _sequence_dists import exact_joint, sequence_tools  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -112,39 +112,7 @@ def test_target_logits_divided_by_temperature_give_the_mixture_of_processed_p_an
 
 # ----------------------------------------------------------------------------- exactness (statistical)
 
-def exact_dists(policy, expert, depth: int, params: SamplingParams):
-    """Policy and expert probs at every prefix of PROMPT up to `depth` tokens: lists of [V^d, V] (float64)."""
-    ps, ss = [], []
-    with torch.no_grad():
-        for d in range(depth):
-            suffix = torch.tensor(list(itertools.product(range(V), repeat=d)), dtype=torch.long).view(V ** d, d)
-            ids = torch.cat([torch.tensor(PROMPT).expand(V ** d, -1), suffix], dim=1)
-            for model, acc in ((policy, ps), (expert, ss)):
-                logits = model(input_ids=ids).logits[:, -1].double()
-                acc.append(process_logits(logits, params.temperature, params.top_p, params.top_k))
-    return ps, ss
-
-
-def exact_joint(ps, ss, gamma: float) -> torch.Tensor:
-    """prod_t q_t over all sequences: [V^depth] in row-major token order."""
-    joint = torch.ones(1, dtype=torch.float64)
-    for p, s in zip(ps, ss):
-        q, _ = mix_probs(p, s, gamma)
-        joint = (joint.unsqueeze(-1) * q).reshape(-1)
-    return joint
-
-
-def marginal(joint: torch.Tensor, depth: int, positions: list[int]) -> torch.Tensor:
-    full = joint.view([V] * depth)
-    other = [d for d in range(depth) if d not in positions]
-    return (full.sum(other) if other else full).reshape(-1)
-
-
-def empirical(responses: torch.Tensor, positions: list[int]) -> torch.Tensor:
-    idx = torch.zeros(responses.shape[0], dtype=torch.long)
-    for pos in positions:
-        idx = idx * V + responses[:, pos]
-    return torch.bincount(idx, minlength=V ** len(positions)).double() / responses.shape[0]
+exact_dists, marginal, empirical = sequence_tools(V, PROMPT)
 
 
 def assert_close_in_tv(sampled: torch.Tensor, target: torch.Tensor, what: str, n: int = N_ROWS) -> None:
