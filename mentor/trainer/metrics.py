@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from mentor.protocol import Batch
-from mentor.trainer.core_algos import masked_mean
+from mentor.algos import masked_mean
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

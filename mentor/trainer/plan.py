@@ -16,7 +16,7 @@ from typing import Any
 
 from mentor.config.schema import MentorRunConfig
 from mentor.config.validate import to_yaml
-from mentor.trainer.core_algos import alpha_schedule
+from mentor.algos import alpha_schedule
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from mentor.models.loader import load_tokenizer
 from mentor.protocol import Batch
 from mentor.rewards.pool import RewardPool
 from mentor.single_controller import WorkerDiedError
-from mentor.trainer import core_algos
+from mentor import algos
 from mentor.trainer.metrics import rollout_metrics, validation_metrics
 from mentor.utils import checkpoint as ckpt
 from mentor.utils.rng import capture_rng_state, restore_rng_state
@@ -251,7 +251,7 @@ class RayTrainer:
 
     def alpha(self, step: int) -> float:
         m = self.config.algorithm.mentor
-        return core_algos.alpha_schedule(step - 1, m.alpha0, m.alpha_steps, m.alpha_schedule)
+        return algos.alpha_schedule(step - 1, m.alpha0, m.alpha_steps, m.alpha_schedule)
 
     def gamma_for_step(self, on_policy: Batch, step: int) -> float:
         """gamma_p for this step's mixed rollouts (see ``algorithm.mentor.gamma.source``)."""
@@ -264,7 +264,7 @@ class RayTrainer:
 
     def update_gamma(self, scored: Batch) -> None:
         g = self.config.algorithm.mentor.gamma
-        q = float(core_algos.masked_quantile(scored["entropies"], scored["response_mask"], g.percentile))
+        q = float(algos.masked_quantile(scored["entropies"], scored["response_mask"], g.percentile))
         self.gamma = max(q, g.floor) if g.floor is not None else q
 
     def compute_rewards(self, batch: Batch, metrics: dict[str, Any]) -> None:
@@ -288,10 +288,10 @@ class RayTrainer:
         c = self.config
         rewards, mask, index = batch["token_level_rewards"], batch["response_mask"], batch["uid"]
         if self.mentor and bool(batch["is_mixed"].any()):
-            adv, ret = core_algos.compute_mixed_grpo_advantage(
+            adv, ret = algos.compute_mixed_grpo_advantage(
                 rewards, mask, index, batch["is_mixed"], alpha, self.reward_range, c.algorithm.norm_eps)
         else:
-            adv, ret = core_algos.compute_grpo_outcome_advantage(rewards, mask, index, c.algorithm.norm_eps)
+            adv, ret = algos.compute_grpo_outcome_advantage(rewards, mask, index, c.algorithm.norm_eps)
         batch["advantages"], batch["returns"] = adv, ret
 
     # ---- validation ----------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from mentor.config.schema import ActorConfig
 from mentor.protocol import Batch
-from mentor.trainer.core_algos import (agg_loss, compute_policy_loss, entropy_from_logits, kl_penalty,
+from mentor.algos import (agg_loss, compute_policy_loss, entropy_from_logits, kl_penalty,
                                        log_probs_from_logits, masked_mean)
 
 logger = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""Hand-worked checks of mentor.trainer.core_algos (arithmetic in the comments)."""
+"""Hand-worked checks of mentor.algos (arithmetic in the comments)."""
 
 import math
 
@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from mentor.trainer import core_algos
-from mentor.trainer.core_algos import (
+from mentor import algos
+from mentor.algos import tensor_ops
+from mentor.algos import (
     agg_loss,
     alpha_schedule,
     compute_grpo_outcome_advantage,
@@ -46,7 +47,7 @@ def test_registry_returns_registered_functions_and_lists_valid_names_on_error():
     with pytest.raises(ValueError, match=r"'gae'.*\['grpo', 'mixed_grpo'\]"):
         get_adv_estimator("gae")
     with pytest.raises(ValueError, match="already registered"):
-        core_algos.register_adv_estimator("grpo")(lambda: None)
+        algos.register_adv_estimator("grpo")(lambda: None)
 
 
 # ---- GRPO ---------------------------------------------------------------------------------
@@ -282,12 +283,12 @@ def test_agg_loss_modes_on_ragged_mask(mode, expected):
     assert_close(agg_loss(loss_mat, mask, mode), torch.tensor(expected))
 
 
-@pytest.mark.parametrize("mode", core_algos.LOSS_AGG_MODES)
+@pytest.mark.parametrize("mode", algos.LOSS_AGG_MODES)
 def test_agg_loss_all_padding_gives_zero_not_nan(mode):
     assert agg_loss(torch.ones(2, 3), torch.zeros(2, 3), mode).item() == 0.0
 
 
-@pytest.mark.parametrize("mode", core_algos.LOSS_AGG_MODES)
+@pytest.mark.parametrize("mode", algos.LOSS_AGG_MODES)
 def test_agg_loss_global_counts_make_micro_batches_and_ranks_add_up(mode):
     # split rows {0} | {1, 2}; global counts: 4 tokens, 2 non-empty rows
     # gradient accumulation sums micro-batch losses: e.g. token-mean 6/4 + 5/4 = 2.75 = full value
