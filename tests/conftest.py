@@ -37,3 +37,19 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_collection_modifyitems(config, items):
+    """``gpu`` tests skip without CUDA; ``vllm`` tests skip when vllm does not import (no ``cpu`` extra)."""
+    import importlib.util
+
+    import torch
+
+    no_cuda = pytest.mark.skip(reason="needs CUDA (marker gpu)")
+    no_vllm = pytest.mark.skip(reason="needs vllm (the cpu or gpu extra)")
+    has_vllm = importlib.util.find_spec("vllm") is not None
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(no_cuda)
+        if "vllm" in item.keywords and not has_vllm:
+            item.add_marker(no_vllm)

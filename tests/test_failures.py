@@ -26,15 +26,22 @@ def _start(overrides, out):
                             text=True)
 
 
-def _wait_for(proc, cond, timeout=240):
+def _wait_for(proc, cond, timeout=480):
+    """Poll until ``cond()``; the deadline only guards against a hang (a run reaches it in ~10-60 s), and a
+    failed wait takes the run's whole process group down so it does not load the rest of the suite."""
     start = time.time()
-    while not cond():
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
-        assert time.time() - start < timeout
-        time.sleep(0.05)
+    try:
+        while not cond():
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            assert time.time() - start < timeout, "condition not reached (hang guard)"
+            time.sleep(0.05)
+    except BaseException:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        raise
 
 
-def _finish(proc, timeout=180):
+def _finish(proc, timeout=480):
     try:
         out, _ = proc.communicate(timeout=timeout)
     finally:
@@ -48,7 +55,9 @@ def test_a_dead_worker_stops_the_run_naming_the_worker_and_the_last_good_checkpo
     proc = _start([*COMMON, "trainer.save_freq=1"], out)
     ckpts = os.path.join(out, "checkpoints")
     _wait_for(proc, lambda: os.path.exists(os.path.join(ckpts, "global_step_1", "COMPLETE")))
-    workers = [p for p in psutil.process_iter(["cmdline"]) if "FSDPWorker" in " ".join(p.info["cmdline"] or [])]
+    # only this run's workers (its descendants): other tests may have Ray workers of their own on this machine
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+               if "FSDPWorker" in " ".join(p.cmdline() or [])]
     assert workers, "no Ray FSDPWorker process found"
     workers[0].kill()
     log = _finish(proc)

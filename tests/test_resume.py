@@ -35,14 +35,19 @@ def _start(overrides, out):
     return subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def _kill_when(proc, ready, timeout=240):
+def _kill_when(proc, ready, timeout=480):
+    """SIGKILL the run's process group once ``ready()``; the deadline only guards against a hang, and the group
+    is killed on any failure too."""
     start = time.time()
-    while not ready():
-        assert proc.poll() is None, "the run ended before the kill point"
-        assert time.time() - start < timeout, "kill point not reached in time"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    try:
+        while not ready():
+            assert proc.poll() is None, "the run ended before the kill point"
+            assert time.time() - start < timeout, "kill point not reached (hang guard)"
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def _steps_logged(out):
@@ -79,7 +84,13 @@ def test_sigkill_at_a_step_boundary_and_mid_step_then_resume_equals_the_uninterr
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    assert sorted(os.listdir(ckpts)) == ["global_step_3", "global_step_4", "latest_checkpointed_iteration.txt"]
+    # rotation keeps the newest save_limit=2 plus the best-val step (first max over evals after step 0); which
+    # step is best depends on this CPU's trajectory, so the expected listing is derived from the run's own history
+    evals = [r for r in _rows(ref) if r["step"] > 0 and "val/accuracy" in r]
+    best = max(evals, key=lambda r: r["val/accuracy"])["step"]
+    expected = {"global_step_3", "global_step_4", f"global_step_{best}", "latest_checkpointed_iteration.txt"}
+    assert set(os.listdir(ckpts)) == expected
+    assert set(os.listdir(os.path.join(ref, "checkpoints"))) == expected
 
 
 def test_resume_across_an_epoch_boundary_trains_the_right_steps(tiny_assets, tmp_path):

@@ -3,6 +3,7 @@ answers), the ``file.py:fn`` loader (both signatures, every error) and the proce
 hangs, garbage and dead workers are counted exactly and the pool keeps working)."""
 
 import json
+import logging
 import pickle
 import re
 import signal
@@ -139,26 +140,35 @@ PATHOLOGICAL = {
 }
 
 
+def _timed_out(caplog):
+    return any("grading timed out" in r.getMessage() for r in caplog.records)
+
+
 @pytest.mark.parametrize("name", sorted(PATHOLOGICAL))
-def test_pathological_answers_score_zero_within_the_budget(name):
-    start = time.monotonic()
+def test_pathological_answers_score_zero_within_the_budget(name, caplog):
+    # No wall-clock bound (machine-dependent): each answer is refused by the length cap, fails to parse, or is
+    # cut by the per-sample alarm. The power tower never finishes on its own, so there the alarm must fire.
+    caplog.set_level(logging.DEBUG, logger="mentor.rewards.math")
     s = _score(PATHOLOGICAL[name], "5", verify_timeout_s=1.0)
     assert s["accuracy"] == 0.0
-    assert time.monotonic() - start < 4.0  # 1 s budget + slack for a loaded CI box
+    if name == "power_tower":
+        assert _timed_out(caplog)
 
 
-def test_per_sample_alarm_nests_inside_an_outer_timer():
+def test_per_sample_alarm_nests_inside_an_outer_timer(caplog):
     # pytest-timeout (signal method) arms ITIMER_REAL; ours must still fire and then re-arm it.
     fired = []
     previous = signal.signal(signal.SIGALRM, lambda *_: fired.append(True))
     try:
+        caplog.set_level(logging.DEBUG, logger="mentor.rewards.math")
         signal.setitimer(signal.ITIMER_REAL, 30.0)
         start = time.monotonic()
         assert _score(PATHOLOGICAL["power_tower"], "5", verify_timeout_s=1.0)["accuracy"] == 0.0
         elapsed = time.monotonic() - start
         left = signal.getitimer(signal.ITIMER_REAL)[0]
-        assert elapsed < 4.0 and not fired
-        assert left == pytest.approx(30.0 - elapsed, abs=0.5)  # outer timer re-armed with its remaining time
+        assert _timed_out(caplog) and not fired  # the inner alarm ended grading; the outer one did not fire
+        # re-armed with its remaining time: never more than 30 - elapsed, and not reset to 30 (a rule, not a timing)
+        assert 0 < left <= 30.0 - elapsed + 1e-3
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
@@ -368,9 +378,6 @@ def test_math_pool_zeroes_a_hung_sample_and_grades_the_rest(math500):
     inputs = [{"response": PATHOLOGICAL[k], "ground_truth": "5"} for k in hostile]
     inputs += [{"response": r["solution"], "ground_truth": r["answer"]} for r in math500[:6]]
     with RewardPool("math", num_workers=2, timeout_s=3.0, verify_timeout_s=None) as pool:
-        start = time.monotonic()
         scores, stats = pool.score(inputs)
-        elapsed = time.monotonic() - start
     assert [s["overall"] for s in scores] == [0.0] * len(hostile) + [0.9] * 6
     assert stats.timeouts == 1 and stats.errors == 0 and stats.invalid == 0  # the power tower
-    assert elapsed < 20.0  # two 3 s kills (its chunk, then it alone) + worker restarts

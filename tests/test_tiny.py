@@ -7,6 +7,7 @@ build (same pipeline, fewer rows and steps), built twice into temp dirs.
 
 import json
 import re
+import time
 
 import pytest
 import torch
@@ -181,7 +182,28 @@ def test_interrupted_build_leaves_neither_cache_nor_temp_dir(tmp_path, monkeypat
     monkeypatch.setattr(tiny, "_build", crash)
     with pytest.raises(KeyboardInterrupt):
         build_tiny_assets(tmp_path / "y", seed=0)
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == [".y.lock"]  # only the (empty) lock file stays
+
+
+def test_concurrent_builds_of_one_dir_train_once(tmp_path, monkeypatch):
+    import threading
+
+    built = []
+
+    def fake_build(out, seed, cfg):
+        built.append(seed)
+        time.sleep(0.2)  # both callers are inside build_tiny_assets while the first builds
+        (out / tiny.REPORT).write_text("{}")
+
+    monkeypatch.setattr(tiny, "_build_into", fake_build)
+    roots = []
+    threads = [threading.Thread(target=lambda: roots.append(build_tiny_assets(tmp_path / "z", seed=0)))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert built == [0] and roots == [tmp_path / "z"] * 2
 
 
 def test_paths_follow_env_and_seed_without_building(tmp_path, monkeypatch):

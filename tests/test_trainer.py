@@ -27,8 +27,10 @@ def test_grpo_raises_val_accuracy_of_the_tiny_policy(tiny_assets, tmp_path):
     val = [r for r in _rows(tmp_path) if "val/accuracy" in r]
     assert [r["step"] for r in val] == [0, 10]
     start, end = val[0]["val/accuracy"], val[-1]["val/accuracy"]
-    # measured with this seed: 0.23 -> ~0.8; a broken update, sign or advantage leaves it near 0.2 or lower
-    assert end >= start + 0.25, (start, end)
+    # Seen 0.23 -> 0.6..0.9 on different CPUs (trajectories differ between machines). A broken update, sign or
+    # advantage leaves it near 0.23; 128 graded samples put ~0.045 of noise on each value, so +0.15 is > 2 sigma
+    # of the difference above no learning and far below any learning run seen.
+    assert end >= start + 0.15, (start, end)
     assert (tmp_path / "plots" / "val_accuracy.png").exists() and (tmp_path / "results.txt").exists()
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import fcntl
 import hashlib
 import itertools
 import json
@@ -122,12 +123,19 @@ def build_tiny_assets(
         logger.info("tiny assets cached at %s", root)
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
-    try:
-        _build_into(tmp, seed, QUICK if quick else TinyBuildConfig())
-        _move_into_place(tmp, root, force)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    # One build per directory at a time: concurrent callers (parallel test workers, two runs started at once)
+    # wait on the lock and then find the finished build instead of training the same models again.
+    with open(root.parent / f".{root.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (root / REPORT).exists() and not force:
+            logger.info("tiny assets cached at %s (built by another process)", root)
+            return root
+        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+        try:
+            _build_into(tmp, seed, QUICK if quick else TinyBuildConfig())
+            _move_into_place(tmp, root, force)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return root
 
 

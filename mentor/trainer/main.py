@@ -64,7 +64,8 @@ def make_worker_group(config: MentorRunConfig) -> Any:
 
 def run(cfg: DictConfig | MentorRunConfig) -> dict[str, Any]:
     """Validate, train, report. Returns the trainer's result (last metrics, validation history)."""
-    from mentor.trainer.ray_trainer import RayTrainer
+    from mentor.trainer.ray_trainer import RayTrainer, checkpoint_dir
+    from mentor.utils.checkpoint import resolve_resume
     from mentor.trainer.report import write_report
 
     config = validate(cfg)
@@ -73,6 +74,8 @@ def run(cfg: DictConfig | MentorRunConfig) -> dict[str, Any]:
 
         return dry_run(config)
     ensure_tiny_assets(config)
+    # a bad trainer.resume fails here, before any worker starts (the trainer resolves it again when it loads)
+    resolve_resume(config.trainer.resume, checkpoint_dir(config))
     wg = make_worker_group(config)
     try:
         trainer = RayTrainer(config, wg)

@@ -38,6 +38,11 @@ from mentor.utils.tracking import Tracker
 logger = logging.getLogger(__name__)
 
 
+def checkpoint_dir(config: MentorRunConfig) -> str:
+    """Where the run's checkpoints go: ``trainer.save_dir``, else ``<trainer.output_dir>/checkpoints``."""
+    return config.trainer.save_dir or os.path.join(config.trainer.output_dir, "checkpoints")
+
+
 class RayTrainer:
     """Owns the validated config, the data, the reward pool, the tracker and the worker group."""
 
@@ -67,7 +72,7 @@ class RayTrainer:
         os.makedirs(c.trainer.output_dir, exist_ok=True)
         with open(os.path.join(c.trainer.output_dir, "config.yaml"), "w") as f:
             f.write(to_yaml(c))
-        self.save_dir = c.trainer.save_dir or os.path.join(c.trainer.output_dir, "checkpoints")
+        self.save_dir = checkpoint_dir(c)
         self.resume_path = ckpt.resolve_resume(c.trainer.resume, self.save_dir)
         self.resume_state = ckpt.load_driver_state(self.resume_path) if self.resume_path else None
         tracked = (self.resume_state or {}).get("tracker", {})
