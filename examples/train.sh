@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The paper's MENTOR run (arXiv 2510.04140, App. B) on one 8-GPU node: Qwen2.5-7B policy, OpenR1-Qwen-7B expert,
 # MATH levels 3-5 (train), MATH-500 (val), rollout batch 128, lr 1e-6, T 1.0, clip-high 0.28, 4 on-policy + 4 mixed
-# rollouts, K = 4, p = 0.95, alpha cosine over 120 steps, responses up to 8192 tokens, SwanLab online when
-# SWANLAB_API_KEY is set. All of it is configs/mentor.yaml; this script adds paths and the flags below.
+# rollouts, K = 4, p = 0.95, alpha cosine over 120 steps, responses up to 8192 tokens, SwanLab cloud when
+# SWANLAB_API_KEY is set (else local). All of it is configs/mentor.yaml; this script adds paths and the flags below.
 #
 #   python examples/prepare_data.py --recipe math_l3to5 --out data/math_l3to5     # once, needs the HF Hub
 #   bash examples/train.sh [--dry-run] [key=value ...]
@@ -14,7 +14,7 @@
 #   TRAIN_FILE [$DATA_DIR/train.jsonl]   VAL_FILE [$DATA_DIR/val.jsonl]
 #   NNODES [1]  N_GPUS_PER_NODE [8]  RAY_ADDRESS [unset: local Ray; "auto" on a cluster, see README multi-node]
 #   PADDING_FREE [true: pack micro-batches, varlen flash-attention]   EXPERIMENT [the config's experiment_name]
-#   SWANLAB_API_KEY [unset: SwanLab offline]   PYTHON [.venv/bin/python]
+#   SWANLAB_API_KEY [unset: SwanLab local: swanlab watch <run dir>/swanlog]   PYTHON [.venv/bin/python]
 # Later key=value arguments override everything, e.g. algorithm.adv_estimator=grpo for the on-policy baseline.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -90,6 +90,7 @@ def test_unknown_key_inside_a_yaml_names_the_key():
     (["worker.reward.reward_function=/nope/reward.py:fn"], "worker.reward.reward_function"),
     (["worker.reward.reward_function=no_colon_here"], "worker.reward.reward_function"),
     (["trainer.logger=[console,wandb]"], "trainer.logger"),
+    (["trainer.swanlab_mode=clouds"], "trainer.swanlab_mode"),
 ])
 def test_bad_combination_names_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

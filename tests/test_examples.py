@@ -165,7 +165,7 @@ def test_train_sh_dry_run_prints_the_paper_config_and_plan(data_dir):
     assert "1024 (128 per rank); 512 once alpha = 0" in plan
     assert "2 (2 mini-batches of 64 prompts = 512 responses, 64 per rank" in plan
     assert "mixed rollouts on steps 1..120" in plan  # cosine alpha is exactly 0 from step 121 (index 120)
-    assert "swanlab offline (no SWANLAB_API_KEY)" in plan
+    assert "swanlab local (no SWANLAB_API_KEY; dashboard: swanlab watch " in plan
     assert "dry run: config valid, nothing started" in proc.stdout
 
 

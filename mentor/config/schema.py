@@ -269,7 +269,9 @@ class TrainerConfig:
     logger: list[str] = field(default_factory=lambda: ["console", "jsonl", "swanlab"])
     """Trackers: ``console``, ``jsonl``, ``swanlab``."""
     swanlab_mode: str = "auto"
-    """``auto`` (online when SWANLAB_API_KEY is set, else offline), ``online``, ``offline``, ``local`` (for `swanlab watch`), ``disabled``."""
+    """``auto``: ``cloud`` when SWANLAB_API_KEY is set, else ``local``. ``cloud`` (alias ``online``): sync to SwanLab's
+    cloud. ``local``: a database in ``<output_dir>/swanlog`` that ``swanlab watch`` serves as a dashboard, no network.
+    ``offline``: files for a later ``swanlab sync``, no dashboard. ``disabled``."""
     total_epochs: int = 15
     """Passes over the training set."""
     max_steps: Optional[int] = None

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mentor.config.schema import MentorRunConfig, register_configs
+from mentor.utils.tracking import SWANLAB_MODES
 
 CONFIG_DIR = Path(os.environ.get("MENTOR_CONFIG_DIR", Path(__file__).resolve().parents[2] / "configs"))
 """The yaml directory (``configs/`` at the repo root; override with MENTOR_CONFIG_DIR)."""
@@ -136,8 +137,8 @@ def _check_values(c: MentorRunConfig) -> None:
     _check_batch_sizes(c, m.n_mix if mixed else 0)
     _require(t.nnodes >= 1 and t.n_gpus_per_node >= 1, "trainer.n_gpus_per_node", "nnodes and ranks must be >= 1")
     _require(t.device in ("auto", "cpu", "cuda"), "trainer.device", f"{t.device!r} is not auto, cpu or cuda")
-    _require(t.swanlab_mode in ("auto", "online", "offline", "local", "disabled"), "trainer.swanlab_mode",
-             f"{t.swanlab_mode!r} is not auto, online, offline, local or disabled")
+    _require(t.swanlab_mode in SWANLAB_MODES, "trainer.swanlab_mode",
+             f"{t.swanlab_mode!r} is not one of {', '.join(SWANLAB_MODES)}")
     for name in t.logger:
         _require(name in ("console", "jsonl", "swanlab"), "trainer.logger", f"unknown logger {name!r}")
     _require(t.ray.object_store_memory_mb >= 75, "trainer.ray.object_store_memory_mb", "Ray needs >= 75 MiB")

@@ -137,7 +137,10 @@ def _schedule(c: MentorRunConfig, train_rows: int | None, mixed: bool) -> dict[s
     out["checkpoints"] = f"every {t.save_freq} steps, keep {t.save_limit}" if t.save_freq > 0 else "none"
     mode = t.swanlab_mode
     if mode == "auto":
-        mode = "online (SWANLAB_API_KEY is set)" if os.environ.get("SWANLAB_API_KEY") else "offline (no SWANLAB_API_KEY)"
+        mode = "cloud (SWANLAB_API_KEY is set)" if os.environ.get("SWANLAB_API_KEY") else \
+            f"local (no SWANLAB_API_KEY; dashboard: swanlab watch {os.path.join(t.output_dir, 'swanlog')})"
+    elif mode == "local":
+        mode = f"local (dashboard: swanlab watch {os.path.join(t.output_dir, 'swanlog')})"
     out["tracking"] = f"{', '.join(t.logger)}; swanlab {mode}; run dir {t.output_dir}"
     return out
 

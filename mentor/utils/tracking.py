@@ -1,4 +1,8 @@
-"""Experiment tracking: console, ``metrics.jsonl`` in the run directory, and SwanLab (offline on CPU by default).
+"""Experiment tracking: console, ``metrics.jsonl`` in the run directory, and SwanLab.
+
+SwanLab writes to ``<output_dir>/swanlog``. With the default mode ``auto`` it syncs to the SwanLab cloud when
+``SWANLAB_API_KEY`` is set and otherwise writes the local database that ``swanlab watch <output_dir>/swanlog``
+serves as a dashboard (no network).
 
 One :class:`Tracker` fans each step's metrics out to the configured backends. Metric names are namespaced
 (``actor/entropy``, ``mentor/accept_rate``, ``timing_s/gen``, ``val/accuracy``).
@@ -10,6 +14,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Mapping
 from typing import Any
 
 logger = logging.getLogger("mentor")
@@ -27,11 +32,24 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def swanlab_mode(mode: str) -> str:
-    """``auto`` -> ``online`` when SWANLAB_API_KEY is set, else ``offline`` (touches no network)."""
+SWANLAB_MODES = ("auto", "cloud", "online", "local", "offline", "disabled")
+"""``trainer.swanlab_mode`` values. ``online`` is the old name of ``cloud``."""
+
+
+def swanlab_mode(mode: str, env: Mapping[str, str] | None = None) -> str:
+    """The mode passed to ``swanlab.init`` for ``trainer.swanlab_mode``.
+
+    ``auto`` -> ``online`` (SwanLab's name for the cloud) when SWANLAB_API_KEY is set in ``env`` (default
+    ``os.environ``), else ``local``: a database under ``swanlog/`` for ``swanlab watch``, no network.
+    ``cloud`` / ``online`` -> ``online``; ``local``, ``offline`` (files for a later ``swanlab sync``, no dashboard)
+    and ``disabled`` pass through.
+    """
+    if mode not in SWANLAB_MODES:
+        raise ValueError(f"trainer.swanlab_mode: {mode!r} is not one of {', '.join(SWANLAB_MODES)}")
     if mode == "auto":
-        return "online" if os.environ.get("SWANLAB_API_KEY") else "offline"
-    return mode
+        env = os.environ if env is None else env
+        return "online" if env.get("SWANLAB_API_KEY") else "local"
+    return "online" if mode == "cloud" else mode
 
 
 class Tracker:
@@ -52,13 +70,13 @@ class Tracker:
         elif os.path.exists(self.jsonl_path):
             os.remove(self.jsonl_path)
         self._swanlab = None
-        if "swanlab" in self.loggers and swanlab_mode(mode) != "disabled":
+        resolved = swanlab_mode(mode)
+        if "swanlab" in self.loggers and resolved != "disabled":
             import swanlab
 
             resume = {"id": swanlab_run_id, "resume": "allow"} if swanlab_run_id else {}
-            self._swanlab = swanlab.init(project=project, name=experiment, config=config or {},
-                                         mode=swanlab_mode(mode), log_dir=os.path.join(output_dir, "swanlog"),
-                                         **resume)
+            self._swanlab = swanlab.init(project=project, name=experiment, config=config or {}, mode=resolved,
+                                         log_dir=os.path.join(output_dir, "swanlog"), **resume)
 
     @property
     def swanlab_run_id(self) -> str | None:
