@@ -48,18 +48,15 @@ def ensure_tiny_assets(config: MentorRunConfig) -> None:
 
 def make_worker_group(config: MentorRunConfig) -> Any:
     from mentor.single_controller import LocalWorkerGroup, RayWorkerGroup, ResourcePool, init_ray
-    from mentor.workers.fsdp_worker import FSDPWorker, resolve_device
+    from mentor.workers.fsdp_worker import FSDPWorker
 
     t = config.trainer
     if not t.use_ray:
         return LocalWorkerGroup(FSDPWorker, config)
     init_ray(address=t.ray.address, num_cpus=t.ray.num_cpus, object_store_memory_mb=t.ray.object_store_memory_mb,
              temp_dir=t.ray.temp_dir)
-    use_gpu = resolve_device(t.device) == "cuda"
-    pool = ResourcePool(t.nnodes, t.n_gpus_per_node, use_gpu=use_gpu)
-    wg = RayWorkerGroup(FSDPWorker, pool, config)
-    wg.resource_pool = pool  # released with the group by run()
-    return wg
+    pool = ResourcePool(t.nnodes, t.n_gpus_per_node, use_gpu=config.derived.device_type == "cuda")
+    return RayWorkerGroup(FSDPWorker, pool, config)  # run() releases wg.resource_pool with the group
 
 
 def run(cfg: DictConfig | MentorRunConfig) -> dict[str, Any]:

@@ -30,12 +30,6 @@ logger = logging.getLogger(__name__)
 PHASES = {"on": 1, "mixed": 2, "val_greedy": 3, "val_sample": 4}
 
 
-def resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 def sampling_seed(base: int, step: int, rank: int, phase: str) -> int:
     """Seed of one rank's sampling in one phase of one step: reproducible and resumable."""
     return (base * 1_000_003 + step * 10_007 + rank * 101 + PHASES[phase]) % (2**63 - 1)
@@ -99,8 +93,8 @@ class FSDPWorker(Worker):
     def __init__(self, config: MentorRunConfig) -> None:
         super().__init__()
         self.config = config
-        self.device_type = resolve_device(config.trainer.device)
-        self.dev = torch.device(f"cuda:{self.local_rank}") if self.device_type == "cuda" else torch.device("cpu")
+        self.device_type = config.derived.device_type  # resolved once on the driver
+        self.dev = self.device  # this rank's cuda:i (mentor/utils/device.py) or cpu
 
     # ---- set-up --------------------------------------------------------------------------------------------
 
@@ -122,13 +116,13 @@ class FSDPWorker(Worker):
         optim = act.optim
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=optim.lr, betas=tuple(optim.betas),
                                            weight_decay=optim.weight_decay)
-        updates = total_training_steps * act.ppo_epochs * (c.data.rollout_batch_size // act.global_batch_size)
+        updates = total_training_steps * c.derived.optimizer_updates_per_step
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(optim.lr_warmup_steps, updates, optim.lr_schedule, optim.min_lr_ratio))
         self.actor = Actor(self.model, act, self.optimizer, self.lr_scheduler, self.world_size)
         self._init_rollout()
         self.ref = None
-        if act.use_kl_loss:
+        if c.derived.use_reference:
             ref = load_causal_lm(act.model_path, torch.float32, act.fsdp.attn_implementation)
             ref.requires_grad_(False)
             self.ref = Actor(self._shard(ref), act, world_size=self.world_size)
@@ -169,7 +163,7 @@ class FSDPWorker(Worker):
         self.pad_id = self.tokenizer.pad_token_id
         self.engine = HFRolloutEngine(self.rollout_model, self.eos_ids, self.pad_id, ro.max_batch_size)
         self.mixed_engine = None
-        if c.algorithm.adv_estimator == "mixed_grpo":
+        if c.derived.mixed:
             path = ro.expert.model_path
             expert_tok = load_tokenizer(path, key="worker.rollout.expert.model_path")
             self.expert = load_causal_lm(path, resolve_dtype(ro.expert.dtype, self.device_type),
@@ -206,7 +200,7 @@ class FSDPWorker(Worker):
                       max_num_seqs=ro.max_batch_size)
         self.engine = VLLMRolloutEngine(act.model_path, **common)
         self.mixed_engine = None
-        if c.algorithm.adv_estimator == "mixed_grpo":
+        if c.derived.mixed:
             path = ro.expert.model_path
             expert = SimpleNamespace(config=AutoConfig.from_pretrained(path))
             check_same_vocabulary(self.tokenizer, load_tokenizer(path, key="worker.rollout.expert.model_path"),
@@ -273,9 +267,8 @@ class FSDPWorker(Worker):
     @register(Dispatch.DP_COMPUTE)
     def update_actor(self, batch: Batch) -> dict[str, float]:
         """PPO update on this rank's slice; returns this rank's metrics."""
-        c = self.config
-        num_mini = c.data.rollout_batch_size // c.worker.actor.global_batch_size
-        metrics = self.actor.update_policy(batch.to(self.dev), self._temperature(), num_mini)
+        metrics = self.actor.update_policy(batch.to(self.dev), self._temperature(),
+                                           self.config.derived.mini_batches_per_step)
         return metrics
 
     def _temperature(self) -> float:
