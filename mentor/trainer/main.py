@@ -46,6 +46,16 @@ def ensure_tiny_assets(config: MentorRunConfig) -> None:
         build_tiny_assets()
 
 
+def check_memory_plan(config: MentorRunConfig) -> None:
+    """Refuse a GPU run whose memory plan does not fit (the dry run prints the whole table)."""
+    from mentor.trainer.memory import check_memory
+
+    plan = check_memory(config)
+    if plan is not None and not plan.fits:
+        raise ConfigError("memory plan: " + " | ".join(plan.errors) + " (see the table: bash examples/train.sh "
+                          "--dry-run with the same arguments)")
+
+
 def make_worker_group(config: MentorRunConfig) -> Any:
     from mentor.single_controller import LocalWorkerGroup, RayWorkerGroup, ResourcePool, init_ray
     from mentor.workers.fsdp_worker import FSDPWorker
@@ -69,6 +79,7 @@ def run(cfg: DictConfig | MentorRunConfig) -> dict[str, Any]:
         from mentor.trainer.plan import dry_run
 
         return dry_run(config)
+    check_memory_plan(config)
     ensure_tiny_assets(config)
     wg = make_worker_group(config)
     try:

@@ -23,6 +23,7 @@ from mentor.protocol import Batch
 from mentor.single_controller import Dispatch, Worker, register
 from mentor.utils.checkpoint import load_worker_checkpoint, save_worker_checkpoint
 from mentor.workers.actor import Actor
+from mentor.workers.offload import OptimizerOffload, fsdp_offload_kwargs, place_buffers
 from mentor.workers.rollout.base import SamplingParams, build_sequences, positions_from_mask
 
 logger = logging.getLogger(__name__)
@@ -105,7 +106,8 @@ class FSDPWorker(Worker):
         torch.manual_seed(c.trainer.seed)
         if self.device_type == "cpu" and os.environ.get("OMP_NUM_THREADS"):
             torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-        self.init_distributed("nccl" if self.device_type == "cuda" else "gloo")
+        # GPU: NCCL for CUDA tensors, gloo for the CPU ones (token counts, CPU-offloaded shards)
+        self.init_distributed("cpu:gloo,cuda:nccl" if self.device_type == "cuda" else "gloo")
         act = c.worker.actor
         self.tokenizer = load_tokenizer(act.model_path)
         model = load_causal_lm(act.model_path, torch.float32, act.fsdp.attn_implementation)
@@ -119,6 +121,9 @@ class FSDPWorker(Worker):
         updates = total_training_steps * c.derived.optimizer_updates_per_step
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(optim.lr_warmup_steps, updates, optim.lr_schedule, optim.min_lr_ratio))
+        # offload_params puts the optimizer on the CPU already (FSDP's CPUOffloadPolicy)
+        self.optimizer_offload = OptimizerOffload(self.optimizer, self.dev,
+                                                  enabled=act.fsdp.offload_optimizer and not act.fsdp.offload_params)
         self.actor = Actor(self.model, act, self.optimizer, self.lr_scheduler, self.world_size)
         self._init_rollout()
         self.ref = None
@@ -139,13 +144,17 @@ class FSDPWorker(Worker):
         if self.device_type == "cuda":
             mp = MixedPrecisionPolicy(param_dtype=resolve_dtype(fsdp.param_dtype, "cuda"),
                                       reduce_dtype=resolve_dtype(fsdp.reduce_dtype, "cuda"))
-        kwargs = {"mesh": mesh, "reshard_after_forward": fsdp.reshard_after_forward}
+        kwargs = {"mesh": mesh, "reshard_after_forward": fsdp.reshard_after_forward,
+                  **fsdp_offload_kwargs(fsdp.offload_params, self.dev)}
         if mp is not None:
             kwargs["mp_policy"] = mp
-        model.to(self.dev)
+        if not fsdp.offload_params:  # with CPUOffloadPolicy the shards stay in host memory
+            model.to(self.dev)
         for layer in model.model.layers:
             fully_shard(layer, **kwargs)
         fully_shard(model, **kwargs)
+        if fsdp.offload_params:
+            place_buffers(model, self.dev)
         return model
 
     def _init_rollout(self) -> None:
@@ -267,8 +276,10 @@ class FSDPWorker(Worker):
     @register(Dispatch.DP_COMPUTE)
     def update_actor(self, batch: Batch) -> dict[str, float]:
         """PPO update on this rank's slice; returns this rank's metrics."""
-        metrics = self.actor.update_policy(batch.to(self.dev), self._temperature(),
-                                           self.config.derived.mini_batches_per_step)
+        with self.optimizer_offload.on_device():  # offload_optimizer: Adam state on the GPU only while updating
+            metrics = self.actor.update_policy(batch.to(self.dev), self._temperature(),
+                                               self.config.derived.mini_batches_per_step)
+        self.optimizer_offload.offload()
         return metrics
 
     def _temperature(self) -> float:
@@ -280,6 +291,10 @@ class FSDPWorker(Worker):
     @register(Dispatch.ONE_TO_ALL)
     def save_checkpoint(self, path: str) -> None:
         """This rank's part of checkpoint ``path`` (the driver's ``.tmp-global_step_N``). Collective."""
+        with self.optimizer_offload.on_device():
+            self._save_checkpoint(path)
+
+    def _save_checkpoint(self, path: str) -> None:
         save_worker_checkpoint(path, rank=self.rank, world_size=self.world_size, model=self.model,
                                optimizer=self.optimizer, lr_scheduler=self.lr_scheduler,
                                counters={"skipped_steps": self.actor.skipped_steps,
@@ -290,8 +305,10 @@ class FSDPWorker(Worker):
     @register(Dispatch.ONE_TO_ALL)
     def load_checkpoint(self, path: str) -> None:
         """Restore model, optimizer, LR scheduler, this rank's RNG and the actor counters (after init_model)."""
-        counters = load_worker_checkpoint(path, rank=self.rank, world_size=self.world_size, model=self.model,
-                                          optimizer=self.optimizer, lr_scheduler=self.lr_scheduler)
+        with self.optimizer_offload.on_device():
+            counters = load_worker_checkpoint(path, rank=self.rank, world_size=self.world_size, model=self.model,
+                                              optimizer=self.optimizer, lr_scheduler=self.lr_scheduler)
+        self.optimizer_offload.offload()
         self.actor.skipped_steps = int(counters["skipped_steps"])
         self.actor.consecutive_bad_steps = int(counters["consecutive_bad_steps"])
 
