@@ -103,3 +103,14 @@ def test_plan_reads_the_derived_world_size():
     assert "1024 per rank" in plan["batch"]["responses / step"]
     # one rank holds all of FSDP: 16 B x 7.6B = 113 GiB of training state does not fit 80 GiB
     assert not plan["memory"].fits
+
+
+def test_hf_engine_keeps_its_weights_and_kv_cache_resident(qwen7b):
+    # hf engine, mixed: 256 rows x 9216 tokens x (57,344 policy + 57,344 expert) B = 252 GiB of KV cache
+    plan = plan_memory(_paper("worker.rollout.name=hf"), qwen7b, qwen7b)
+    assert plan.sizes["KV cache"][0] == pytest.approx(256 * 9216 * 2 * 57_344 / GIB)
+    assert any(e.startswith("rollout phase") and "worker.rollout.max_batch_size" in e for e in plan.errors)
+    small = plan_memory(_paper("worker.rollout.name=hf", "worker.rollout.max_batch_size=8"), qwen7b, qwen7b)
+    rollout, training = small.phases
+    # weights 2 x 14.18 + KV 8 x 9216 x 114,688 B (7.9 GiB) + FSDP params 3.55 + reserved 3
+    assert rollout.total == pytest.approx(2 * 2 * P7 / GIB + 8 * 9216 * 2 * 57_344 / GIB + 4 * P7 / 8 / GIB + 3)

@@ -65,7 +65,7 @@ def make_worker_group(config: MentorRunConfig) -> Any:
         return LocalWorkerGroup(FSDPWorker, config)
     init_ray(address=t.ray.address, num_cpus=t.ray.num_cpus, object_store_memory_mb=t.ray.object_store_memory_mb,
              temp_dir=t.ray.temp_dir)
-    pool = ResourcePool(t.nnodes, t.n_gpus_per_node, use_gpu=config.derived.device_type == "cuda")
+    pool = ResourcePool(t.nnodes, config.derived.ranks_per_node, use_gpu=config.derived.device_type == "cuda")
     return RayWorkerGroup(FSDPWorker, pool, config)  # run() releases wg.resource_pool with the group
 
 

@@ -37,7 +37,6 @@ import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from mentor.config.schema import MentorRunConfig
 
@@ -182,94 +181,103 @@ def token_budget(c: MentorRunConfig) -> int:
 
 
 def plan_memory(c: MentorRunConfig, policy: ModelShape, expert: ModelShape | None) -> MemoryPlan:
-    """Per-rank bytes of each phase on a GPU run of config ``c`` (validated) with the given model shapes."""
-    act, ro, fsdp, d = c.worker.actor, c.worker.rollout, c.worker.actor.fsdp, c.derived
-    world, gpu = d.world_size, c.trainer.gpu_memory_gib
-    p = policy.params
-    sizes: dict[str, tuple[float, str]] = {}
+    """Per-rank GiB of each phase on a GPU run of config ``c`` (validated) with the given model shapes."""
+    plan = MemoryPlan(c.trainer.gpu_memory_gib, {}, [], {}, [])
+    _training_items(c, policy, plan)
+    _rollout_items(c, policy, expert, plan)
+    _phases(c, plan)
+    return plan
 
-    def put(name: str, nbytes: float, how: str) -> float:
-        sizes[name] = (nbytes / GIB, how)
-        return nbytes / GIB
 
-    fsdp_params = put("FSDP params", 4 * p / world, f"fp32, {p / 1e9:.2f}B / {world} ranks")
-    fsdp_grads = put("FSDP grads", 4 * p / world, "fp32, sharded; freed after each optimizer step")
-    fsdp_adam = put("FSDP optimizer", 8 * p / world, "2 fp32 Adam moments, sharded")
-    gather_bytes = _dtype_bytes(fsdp.param_dtype, 2)
-    gathered_params = policy.root_params + (2 * policy.layer_params if fsdp.reshard_after_forward else
-                                            policy.n_layers * policy.layer_params)
-    gathered = put("FSDP gathered", gather_bytes * gathered_params,
-                   f"{fsdp.param_dtype}: embeddings/lm_head + "
-                   + ("2 decoder layers" if fsdp.reshard_after_forward else "all layers (reshard_after_forward=false)"))
-    reference = put("reference", 4 * p / world, "fp32, sharded") if d.use_reference else 0.0
-    policy_bytes = policy.dtype_bytes  # rollout dtype "auto": the checkpoint's (bf16) on GPU
-    rollout_w = put("rollout policy weights", policy_bytes * p,
-                    f"{8 * policy_bytes}-bit, one copy shared by the engines")
-    expert_w = 0.0
-    if d.mixed and expert is not None:
-        expert_bytes = _dtype_bytes(ro.expert.dtype, expert.dtype_bytes)
-        expert_w = put("expert", expert_bytes * expert.params, f"{8 * expert_bytes}-bit, {expert.params / 1e9:.2f}B")
+def _put(plan: MemoryPlan, name: str, nbytes: float, how: str) -> float:
+    plan.sizes[name] = (nbytes / GIB, how)
+    return nbytes / GIB
+
+
+def _training_items(c: MentorRunConfig, policy: ModelShape, plan: MemoryPlan) -> None:
+    """FSDP state (sharded), the all-gathered units, activations and logits of the largest micro-batch."""
+    fsdp, d, p = c.worker.actor.fsdp, c.derived, policy.params
+    _put(plan, "FSDP params", 4 * p / d.world_size, f"fp32, {p / 1e9:.2f}B / {d.world_size} ranks")
+    _put(plan, "FSDP grads", 4 * p / d.world_size, "fp32, sharded; freed after each optimizer step")
+    _put(plan, "FSDP optimizer", 8 * p / d.world_size, "2 fp32 Adam moments, sharded")
+    layers = 2 if fsdp.reshard_after_forward else policy.n_layers
+    _put(plan, "FSDP gathered", _dtype_bytes(fsdp.param_dtype, 2) * (policy.root_params + layers * policy.layer_params),
+         f"{fsdp.param_dtype}: embeddings/lm_head + {layers} decoder layers")
+    if d.use_reference:
+        _put(plan, "reference", 4 * p / d.world_size, "fp32, sharded")
     tokens = token_budget(c)
     ckpt = fsdp.activation_checkpointing
-    act_ckpt = put("activations (checkpointing)", policy.activation_bytes_per_token(True) * tokens,
-                   f"{tokens} tokens/micro-batch" + (" <- used" if ckpt else ""))
-    act_full = put("activations (no checkpointing)", policy.activation_bytes_per_token(False) * tokens,
-                   f"{tokens} tokens/micro-batch" + ("" if ckpt else " <- used"))
-    activations = act_ckpt if ckpt else act_full
-    logits = put("logits", 16 * tokens * policy.vocab, f"{tokens} tokens x vocab {policy.vocab} x 16 B")
+    _put(plan, "activations (checkpointing)", policy.activation_bytes_per_token(True) * tokens,
+         f"{tokens} tokens/micro-batch" + (" <- used" if ckpt else ""))
+    _put(plan, "activations (no checkpointing)", policy.activation_bytes_per_token(False) * tokens,
+         f"{tokens} tokens/micro-batch" + ("" if ckpt else " <- used"))
+    _put(plan, "logits", 16 * tokens * policy.vocab, f"{tokens} tokens x vocab {policy.vocab} x 16 B")
 
-    kv_policy = policy.kv_bytes_per_token(policy_bytes)
-    kv_expert = expert.kv_bytes_per_token(policy_bytes) if d.mixed and expert else 0
-    vllm, v = ro.name == "vllm", ro.vllm
-    # vLLM's mixed engine caches the mixture target (policy + expert) and the policy draft; the hf engine one each
-    kv_mixed = (2 if vllm else 1) * kv_policy + kv_expert
-    errors: list[str] = []
-    kv: dict[str, str] = {}
+
+def _rollout_items(c: MentorRunConfig, policy: ModelShape, expert: ModelShape | None, plan: MemoryPlan) -> None:
+    """Rollout weights (one policy copy), the expert, the vLLM budget and what its KV cache holds."""
+    ro, d, v, vllm = c.worker.rollout, c.derived, c.worker.rollout.vllm, c.worker.rollout.name == "vllm"
+    weights = _put(plan, "rollout policy weights", policy.dtype_bytes * policy.params,
+                   f"{8 * policy.dtype_bytes}-bit, one copy shared by the engines")
+    kv_policy = policy.kv_bytes_per_token(policy.dtype_bytes)
+    kv_mixed = kv_policy
+    if d.mixed and expert is not None:
+        expert_bytes = _dtype_bytes(ro.expert.dtype, expert.dtype_bytes)
+        weights += _put(plan, "expert", expert_bytes * expert.params,
+                        f"{8 * expert_bytes}-bit, {expert.params / 1e9:.2f}B")
+        # vLLM's mixed engine caches the mixture target (policy + expert) and the policy draft; hf one of each
+        kv_mixed = (2 if vllm else 1) * kv_policy + expert.kv_bytes_per_token(policy.dtype_bytes)
     if vllm:
-        budget = v.gpu_memory_utilization * gpu
-        act_peak = v.max_num_batched_tokens * (2 * policy.intermediate + 4 * policy.hidden) * 2 / GIB
-        kv_gib = budget - rollout_w - expert_w - act_peak
-        sizes["vLLM budget"] = (budget, f"gpu_memory_utilization {v.gpu_memory_utilization} x {gpu:g} GiB")
-        sizes["KV cache"] = (max(kv_gib, 0.0), f"budget - weights - {act_peak:.1f} GiB activation peak "
-                                               f"({v.max_num_batched_tokens} batched tokens)")
-        rollout_side, training_side = budget, (SLEEP_RESIDUAL_GIB if v.enable_sleep_mode else budget)
-    else:  # the hf engine: weights stay resident, its KV cache grows with max_batch_size full-length rows
-        kv_gib = ro.max_batch_size * d.max_seq_len * (kv_mixed if d.mixed else kv_policy) / GIB
-        sizes["KV cache"] = (kv_gib, f"hf engine: {ro.max_batch_size} rows x {d.max_seq_len} tokens")
-        rollout_side, training_side = rollout_w + expert_w + kv_gib, rollout_w + expert_w
-    kv_tokens = max(kv_gib, 0.0) * GIB
-    kv["on-policy"] = _kv_words(kv_tokens / kv_policy, d.max_seq_len)
+        budget = _put(plan, "vLLM budget", v.gpu_memory_utilization * plan.gpu_gib * GIB,
+                      f"gpu_memory_utilization {v.gpu_memory_utilization} x {plan.gpu_gib:g} GiB")
+        peak = v.max_num_batched_tokens * (2 * policy.intermediate + 4 * policy.hidden) * 2 / GIB
+        kv_gib = budget - weights - peak
+        _put(plan, "KV cache", max(kv_gib, 0.0) * GIB,
+             f"budget - weights - {peak:.1f} GiB activation peak ({v.max_num_batched_tokens} batched tokens)")
+    else:  # the hf engine's KV cache grows with max_batch_size full-length rows
+        kv_gib = _put(plan, "KV cache", ro.max_batch_size * d.max_seq_len * (kv_mixed if d.mixed else kv_policy),
+                      f"hf engine: {ro.max_batch_size} rows x {d.max_seq_len} tokens")
+    kv_bytes = max(kv_gib, 0.0) * GIB
+    plan.kv["on-policy"] = _kv_words(kv_bytes / kv_policy, d.max_seq_len)
     if d.mixed:
-        kv["mixed"] = _kv_words(kv_tokens / kv_mixed, d.max_seq_len) + (
+        plan.kv["mixed"] = _kv_words(kv_bytes / kv_mixed, d.max_seq_len) + (
             " (policy + expert target, policy draft)" if vllm else " (policy + expert)")
-    if vllm and kv_tokens < (kv_mixed if d.mixed else kv_policy) * d.max_seq_len:
-        errors.append(f"rollout: the vLLM KV cache ({kv_gib:.1f} GiB after {rollout_w + expert_w:.1f} GiB of weights "
-                      f"in a {sizes['vLLM budget'][0]:.1f} GiB budget) cannot hold one sequence of "
-                      f"{d.max_seq_len} tokens; raise worker.rollout.vllm.gpu_memory_utilization or lower "
-                      "data.max_response_length / data.max_prompt_length")
+    if vllm and kv_bytes < (kv_mixed if d.mixed else kv_policy) * d.max_seq_len:
+        plan.errors.append(
+            f"rollout: the vLLM KV cache ({kv_gib:.1f} GiB after {weights:.1f} GiB of weights in a {budget:.1f} GiB "
+            f"budget) cannot hold one sequence of {d.max_seq_len} tokens; raise "
+            "worker.rollout.vllm.gpu_memory_utilization or lower data.max_response_length / data.max_prompt_length")
 
-    resident_params = 0.0 if fsdp.offload_params else fsdp_params
-    resident_adam = 0.0 if (fsdp.offload_params or fsdp.offload_optimizer) else fsdp_adam
-    rollout = Phase("rollout", {"vLLM (weights + KV + activations)" if vllm else "hf engine (weights + KV)":
-                                rollout_side,
-                                "FSDP params" + (" (offloaded)" if fsdp.offload_params else ""): resident_params,
-                                "FSDP optimizer" + (" (offloaded)" if resident_adam == 0 else ""): resident_adam,
-                                "reference": reference, "reserved": RESERVED_GIB})
-    train_adam = 0.0 if fsdp.offload_params else fsdp_adam
+
+def _phases(c: MentorRunConfig, plan: MemoryPlan) -> None:
+    """Sum each phase (what is resident when) and record the phases that exceed the GPU."""
+    fsdp, v, vllm = c.worker.actor.fsdp, c.worker.rollout.vllm, c.worker.rollout.name == "vllm"
+    gib = {k: g for k, (g, _) in plan.sizes.items()}
+    weights = gib["rollout policy weights"] + gib.get("expert", 0.0)
+    off_params, off_adam = fsdp.offload_params, fsdp.offload_params or fsdp.offload_optimizer
+    rollout = Phase("rollout", {
+        "vLLM (weights + KV + activations)" if vllm else "hf engine (weights + KV)":
+            gib["vLLM budget"] if vllm else weights + gib["KV cache"],
+        "FSDP params" + (" (offloaded)" if off_params else ""): 0.0 if off_params else gib["FSDP params"],
+        "FSDP optimizer" + (" (offloaded)" if off_adam else ""): 0.0 if off_adam else gib["FSDP optimizer"],
+        "reference": gib.get("reference", 0.0), "reserved": RESERVED_GIB})
+    asleep = SLEEP_RESIDUAL_GIB if v.enable_sleep_mode else gib["vLLM budget"] if vllm else 0.0
+    ckpt = fsdp.activation_checkpointing
     training = Phase("training", {
         ("vLLM asleep" if v.enable_sleep_mode else "vLLM awake (sleep mode off)") if vllm else "hf engine weights":
-            training_side,
-        "FSDP params + grads" + (" (offloaded)" if fsdp.offload_params else ""):
-            0.0 if fsdp.offload_params else fsdp_params + fsdp_grads,
-        "FSDP optimizer" + (" (on CPU)" if fsdp.offload_params else ""): train_adam,
-        "FSDP gathered": gathered, "reference": reference,
-        "activations" + (" (checkpointing)" if ckpt else ""): activations, "logits": logits,
-        "reserved": RESERVED_GIB})
+            asleep if vllm else weights,
+        "FSDP params + grads" + (" (on CPU)" if off_params else ""):
+            0.0 if off_params else gib["FSDP params"] + gib["FSDP grads"],
+        "FSDP optimizer" + (" (on CPU)" if off_params else ""): 0.0 if off_params else gib["FSDP optimizer"],
+        "FSDP gathered": gib["FSDP gathered"], "reference": gib.get("reference", 0.0),
+        "activations" + (" (checkpointing)" if ckpt else ""):
+            gib["activations (checkpointing)" if ckpt else "activations (no checkpointing)"],
+        "logits": gib["logits"], "reserved": RESERVED_GIB})
+    plan.phases = [rollout, training]
     for phase, keys in ((rollout, _ROLLOUT_KEYS[vllm]), (training, _TRAINING_KEYS[vllm])):
-        if phase.total > gpu:
-            errors.append(f"{phase.name} phase needs {phase.total:.1f} GiB per GPU > trainer.gpu_memory_gib={gpu:g}; "
-                          f"change {keys}")
-    return MemoryPlan(gpu, sizes, [rollout, training], kv, errors)
+        if phase.total > plan.gpu_gib:
+            plan.errors.append(f"{phase.name} phase needs {phase.total:.1f} GiB per GPU > "
+                               f"trainer.gpu_memory_gib={plan.gpu_gib:g}; change {keys}")
 
 
 _ROLLOUT_KEYS = {
@@ -301,12 +309,6 @@ def format_memory(plan: MemoryPlan) -> str:
         lines.append(f"  {phase.name + ' phase':<{width}}{phase.total:>7.1f}  of {plan.gpu_gib:g} GiB: {verdict}, "
                      f"margin {plan.gpu_gib - phase.total:.1f} GiB ({parts})")
     return "\n".join(lines)
-
-
-def memory_summary(plan: MemoryPlan) -> dict[str, Any]:
-    """Machine-readable view (GiB per item and phase totals), e.g. for tests and the README table."""
-    return {"items": {k: round(g, 2) for k, (g, _) in plan.sizes.items()},
-            "phases": {p.name: round(p.total, 2) for p in plan.phases}, "fits": plan.fits}
 
 
 def check_memory(c: MentorRunConfig) -> MemoryPlan | None:

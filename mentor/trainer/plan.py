@@ -11,7 +11,6 @@ policy/expert vocabulary mismatch, a context that does not fit) are listed as wa
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import Any
 
 from mentor.algos import alpha_schedule

@@ -108,6 +108,10 @@ class FSDPWorker(Worker):
             torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
         # GPU: NCCL for CUDA tensors, gloo for the CPU ones (token counts, CPU-offloaded shards)
         self.init_distributed("cpu:gloo,cuda:nccl" if self.device_type == "cuda" else "gloo")
+        if self.world_size != c.derived.world_size:
+            raise RuntimeError(f"the worker group has {self.world_size} ranks but the config plans "
+                               f"derived.world_size={c.derived.world_size} (trainer.nnodes x trainer.n_gpus_per_node, "
+                               "1 with trainer.use_ray=false): build the group from the validated config")
         act = c.worker.actor
         self.tokenizer = load_tokenizer(act.model_path)
         model = load_causal_lm(act.model_path, torch.float32, act.fsdp.attn_implementation)
@@ -204,7 +208,7 @@ class FSDPWorker(Worker):
                                              config=AutoConfig.from_pretrained(act.model_path))
         self.eos_ids = eos_token_ids(self.tokenizer, self.rollout_model)
         self.pad_id = self.tokenizer.pad_token_id
-        common = dict(eos_token_ids=self.eos_ids, pad_token_id=self.pad_id, config=ro.vllm, device=self.device_type,
+        common = dict(eos_token_ids=self.eos_ids, pad_token_id=self.pad_id, config=ro.vllm, device=str(self.dev),
                       seed=ro.seed, max_model_len=c.data.max_prompt_length + c.data.max_response_length,
                       max_num_seqs=ro.max_batch_size)
         self.engine = VLLMRolloutEngine(act.model_path, **common)
