@@ -174,3 +174,8 @@ def test_every_kl_kind_of_the_loss_function_is_accepted(kind):
 
     assert kind in KL_PENALTY_KINDS
     assert validate(compose("tiny_cpu", [f"worker.actor.kl_loss_type={kind}"])).worker.actor.kl_loss_type == kind
+
+
+def test_derived_values_cannot_be_set_by_hand():
+    with pytest.raises(ConfigError, match=r"derived\.world_size.*cannot be set"):
+        validate(compose("tiny_cpu", ["derived.world_size=99"]))

@@ -114,3 +114,10 @@ def test_hf_engine_keeps_its_weights_and_kv_cache_resident(qwen7b):
     rollout, training = small.phases
     # weights 2 x 14.18 + KV 8 x 9216 x 114,688 B (7.9 GiB) + FSDP params 3.55 + reserved 3
     assert rollout.total == pytest.approx(2 * 2 * P7 / GIB + 8 * 9216 * 2 * 57_344 / GIB + 4 * P7 / 8 / GIB + 3)
+
+
+def test_a_gpu_run_that_does_not_fit_is_refused_before_anything_starts():
+    from mentor.trainer.main import run
+
+    with pytest.raises(ConfigError, match=r"memory plan: .*trainer\.gpu_memory_gib=40.*--dry-run"):
+        run(compose("mentor", ["trainer.gpu_memory_gib=40"]))

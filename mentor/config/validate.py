@@ -81,6 +81,7 @@ def validate(cfg: DictConfig | MentorRunConfig) -> MentorRunConfig:
 
     Raises ConfigError naming the key."""
     if isinstance(cfg, DictConfig):
+        _refuse_derived_overrides(cfg)
         try:
             OmegaConf.resolve(cfg)
             obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(MentorRunConfig), cfg))
@@ -92,6 +93,19 @@ def validate(cfg: DictConfig | MentorRunConfig) -> MentorRunConfig:
     _resolve_paths(obj)
     obj.derived = derive(obj)
     return obj
+
+
+def _refuse_derived_overrides(cfg: DictConfig) -> None:
+    """``derived.*`` is computed here; a value set by hand would be silently replaced, so it is an error."""
+    from dataclasses import asdict
+
+    given = cfg.get("derived") if "derived" in cfg else None
+    if given is None:
+        return
+    defaults = asdict(DerivedConfig())
+    for key, value in OmegaConf.to_container(given).items():
+        _require(key in defaults and value == defaults[key], f"derived.{key}",
+                 "is computed by validate() from the other keys and cannot be set (set the keys it derives from)")
 
 
 def world_layout(c: MentorRunConfig) -> tuple[int, int]:
