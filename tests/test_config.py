@@ -136,3 +136,47 @@ def test_config_printer_names_a_bad_override():
     out = _run_printer("--config-name", "tiny_cpu", "worker.rollout.bogus=1")
     assert out.returncode == 2
     assert "worker.rollout.bogus" in out.stderr
+
+
+# ---- derived values: computed once by validate(), read everywhere ------------------------------------------
+
+def test_derived_values_of_the_paper_config():
+    d = validate(compose("mentor")).derived
+    assert (d.world_size, d.ranks_per_node, d.device_type) == (8, 8, "cuda")  # 1 node x 8 GPUs, trainer.device=cuda
+    assert (d.mixed, d.n_mix, d.responses_per_prompt) == (True, 4, 8)  # N_on 4 + N_mix 4
+    assert (d.mini_batches_per_step, d.optimizer_updates_per_step) == (2, 2)  # 128 prompts / 64 per mini-batch
+    assert d.reward_range == pytest.approx(1.0)  # |0.9| + |0.1|
+    assert d.max_seq_len == 1024 + 8192 and d.use_reference is False
+
+
+def test_derived_world_size_of_local_mode_is_one_rank():
+    d = validate(compose("tiny_cpu", ["trainer.use_ray=false", "trainer.n_gpus_per_node=8"])).derived
+    assert (d.world_size, d.ranks_per_node) == (1, 1)
+    with pytest.raises(ConfigError, match=r"trainer\.nnodes"):  # local mode is one process: two nodes make no sense
+        validate(compose("tiny_cpu", ["trainer.use_ray=false", "trainer.nnodes=2"]))
+
+
+def test_derived_reward_range_follows_the_reward_weights():
+    assert validate(compose("llama3.1_8b")).derived.reward_range == pytest.approx(1.0)  # 0.8 + 0.2
+    c = validate(compose("tiny_cpu", ["worker.reward.reward_kwargs={accuracy_weight: 2.0}"]))
+    assert c.derived.reward_range == pytest.approx(2.1)  # 2.0 + the function's default format_weight 0.1
+    assert validate(compose("tiny_cpu", ["algorithm.mentor.reward_range=3"])).derived.reward_range == 3.0
+
+
+def test_derived_grpo_has_no_mixed_rollouts_and_counts_ppo_epochs():
+    d = validate(compose("mentor", ["algorithm.adv_estimator=grpo", "worker.actor.ppo_epochs=3"])).derived
+    assert (d.mixed, d.n_mix, d.responses_per_prompt) == (False, 0, 4)
+    assert d.optimizer_updates_per_step == 6  # 2 mini-batches x 3 epochs
+
+
+@pytest.mark.parametrize("kind", ["k1", "k2", "k3", "kl", "abs", "mse", "low_var_kl"])
+def test_every_kl_kind_of_the_loss_function_is_accepted(kind):
+    from mentor.algos import KL_PENALTY_KINDS
+
+    assert kind in KL_PENALTY_KINDS
+    assert validate(compose("tiny_cpu", [f"worker.actor.kl_loss_type={kind}"])).worker.actor.kl_loss_type == kind
+
+
+def test_derived_values_cannot_be_set_by_hand():
+    with pytest.raises(ConfigError, match=r"derived\.world_size.*cannot be set"):
+        validate(compose("tiny_cpu", ["derived.world_size=99"]))

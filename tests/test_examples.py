@@ -11,7 +11,8 @@ import yaml
 
 from mentor.config import compose, validate
 from mentor.data import prepare as P
-from mentor.trainer.plan import KNOWN_MODELS, build_plan, dry_run, format_plan
+from mentor.trainer.memory import model_shape
+from mentor.trainer.plan import build_plan, dry_run, format_plan
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "tests" / "data" / "math500_sample.jsonl"
@@ -166,6 +167,8 @@ def test_train_sh_dry_run_prints_the_paper_config_and_plan(data_dir):
     assert "2 (2 mini-batches of 64 prompts = 512 responses, 64 per rank" in plan
     assert "mixed rollouts on steps 1..120" in plan  # cosine alpha is exactly 0 from step 121 (index 120)
     assert "swanlab local (no SWANLAB_API_KEY; dashboard: swanlab watch " in plan
+    # the memory plan of the shipped config fits 8 x 80 GB (numbers: tests/test_plan.py)
+    assert "[memory plan / GPU]" in plan and "rollout phase" in plan and "DOES NOT FIT" not in plan
     assert "dry run: config valid, nothing started" in proc.stdout
 
 
@@ -199,8 +202,8 @@ def test_qwen3b_config_is_the_7b_recipe_with_the_3b_policy(data_dir):
     assert c.worker.rollout.expert.model_path == "open-r1/OpenR1-Qwen-7B"
     assert c.worker.reward.reward_kwargs == {"accuracy_weight": 0.9, "format_weight": 0.1}
     assert (c.data.rollout_batch_size, c.worker.actor.optim.lr, c.algorithm.mentor.alpha_steps) == (128, 1e-6, 120)
-    # App. B facts from the model cards: the 3B pads its logits to 151936 ids, the 7B expert to 152064
-    plan = build_plan(c, 8889, KNOWN_MODELS["Qwen/Qwen2.5-3B"], KNOWN_MODELS["open-r1/OpenR1-Qwen-7B"])
+    # the shipped configs (configs/model_configs): the 3B pads its logits to 151936 ids, the 7B expert to 152064
+    plan = build_plan(c, 8889, model_shape("Qwen/Qwen2.5-3B"), model_shape("open-r1/OpenR1-Qwen-7B"))
     assert any("151936 != expert 152064" in w for w in plan["warnings"])
     assert plan["schedule"]["training steps"] == "690 (10 epochs)"  # 8889 // 128 = 69 steps x 10 epochs
 
@@ -233,4 +236,4 @@ def test_plan_batch_arithmetic_of_the_tiny_config(tiny_assets):
     assert plan["batch"]["micro-batches"] == "8 samples -> 4 per mini-batch"
     assert plan["schedule"]["training steps"] == "30 (1 epochs, max_steps 30)"
     assert "mixed rollouts on steps 1..20" in plan["schedule"]["alpha"]
-    assert "[memory / GPU (estimate)]" in format_plan(plan)
+    assert "[memory / GPU]" in format_plan(plan) and plan["memory"] is None  # CPU run: no GPU memory to plan

@@ -1,5 +1,6 @@
 """Kill a run anywhere (SIGKILL), start it again, and it continues as if nothing happened."""
 
+import concurrent.futures
 import json
 import os
 import signal
@@ -66,14 +67,21 @@ def _same_metrics(a, b):
 
 def test_sigkill_at_a_step_boundary_and_mid_step_then_resume_equals_the_uninterrupted_run(tiny_assets, tmp_path):
     ref, out = str(tmp_path / "ref"), str(tmp_path / "killed")
-    run(compose("tiny_cpu", [*COMMON, f"trainer.output_dir={ref}"]))
-
     ckpts = os.path.join(out, "checkpoints")
-    # kill 1: the moment checkpoint 1 is committed (a step boundary)
-    _kill_when(_start(COMMON, out), lambda: os.path.exists(os.path.join(ckpts, "global_step_1", "COMPLETE")))
-    # kill 2: resumed, then killed after step 3 was logged but before its checkpoint (mid-step)
-    _kill_when(_start(COMMON, out), lambda: 3 in _steps_logged(out) and not os.path.exists(
-        os.path.join(ckpts, "global_step_3")))
+
+    def kill_twice():
+        # kill 1: the moment checkpoint 1 is committed (a step boundary)
+        _kill_when(_start(COMMON, out), lambda: os.path.exists(os.path.join(ckpts, "global_step_1", "COMPLETE")))
+        # kill 2: resumed, then killed after step 3 was logged but before its checkpoint (mid-step)
+        _kill_when(_start(COMMON, out), lambda: 3 in _steps_logged(out) and not os.path.exists(
+            os.path.join(ckpts, "global_step_3")))
+
+    # the killed runs (subprocesses, own Ray) go on while the uninterrupted reference trains in this process:
+    # both are deterministic, so sharing the 2 cores changes their speed, not their numbers
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        killer = pool.submit(kill_twice)
+        run(compose("tiny_cpu", [*COMMON, f"trainer.output_dir={ref}"]))
+        killer.result()
     # a write killed half-way leaves a .tmp dir that resume must ignore
     os.makedirs(os.path.join(ckpts, ".tmp-global_step_3", "actor"), exist_ok=True)
     run(compose("tiny_cpu", [*COMMON, f"trainer.output_dir={out}"]))

@@ -169,7 +169,11 @@ def test_same_seed_gives_byte_identical_weights_data_and_tokenizer(tmp_path):
 
 
 def test_cached_assets_are_returned_without_rebuilding(tmp_path, monkeypatch):
+    built = []
+    monkeypatch.setattr(tiny, "_build_into", lambda out, seed, cfg: (built.append(seed),
+                                                                     (out / tiny.REPORT).write_text("{}")))
     root = build_tiny_assets(tmp_path / "x", seed=0, quick=True)
+    assert built == [0] and (root / tiny.REPORT).exists()
     monkeypatch.setattr(tiny, "_build_into", lambda *a: pytest.fail("rebuilt a cached build"))
     assert build_tiny_assets(tmp_path / "x", seed=0, quick=True) == root
 

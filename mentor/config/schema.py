@@ -45,8 +45,6 @@ class DataConfig:
     """Maximum generated tokens per response."""
     rollout_batch_size: int = 128
     """Prompts per training step."""
-    val_batch_size: int = -1
-    """Prompts per validation generation call; -1 = the whole validation set at once."""
     max_val_samples: int = -1
     """Use only the first N validation rows (after filtering); -1 = all."""
     shuffle: bool = True
@@ -129,6 +127,12 @@ class FSDPConfig:
     """Recompute decoder-layer activations in backward."""
     attn_implementation: str = "sdpa"
     """``sdpa`` (CPU and GPU) or ``flash_attention_2`` (GPU)."""
+    offload_params: bool = False
+    """Keep the sharded fp32 params and grads on the CPU (FSDP2 ``CPUOffloadPolicy``): the GPU holds only the
+    layers being all-gathered; the optimizer step runs on the CPU (so its state lives there too). GPU only."""
+    offload_optimizer: bool = False
+    """Move the optimizer state (Adam moments) to the CPU after each update and back before the next one, so
+    the rollout phase does not hold it (mentor/workers/offload.py). GPU only; no effect with ``offload_params``."""
 
 
 @dataclass
@@ -304,10 +308,42 @@ class TrainerConfig:
     """Abort after this many optimizer steps in a row were skipped for a non-finite grad norm."""
     seed: int = 1
     """Global seed (model init-free here; sampling and shuffles derive from it)."""
+    gpu_memory_gib: float = 80.0
+    """Memory of one GPU (GiB): the memory plan (mentor/trainer/memory.py) refuses a GPU run whose rollout or
+    training phase needs more per rank."""
     dry_run: bool = False
     """Compose and validate the config, print it with the resource / batch / step plan, and exit (no models,
     no Ray, no downloads; runs on CPU for any config)."""
     ray: RayConfig = field(default_factory=RayConfig)
+
+
+@dataclass
+class DerivedConfig:
+    """Values derived from the keys above, computed once on the driver by :func:`mentor.config.validate.validate`
+    and read everywhere else (trainer, workers, dry run). Not settable: validate overwrites them."""
+
+    device_type: str = "cpu"
+    """``trainer.device`` resolved on the driver: ``cuda`` or ``cpu`` (each rank's index: mentor/utils/device.py)."""
+    world_size: int = 1
+    """Ranks of the worker group: nnodes x n_gpus_per_node with Ray, 1 in local mode (``use_ray=false``)."""
+    ranks_per_node: int = 1
+    """Ranks on one node: n_gpus_per_node with Ray, 1 in local mode."""
+    mixed: bool = False
+    """MENTOR estimator (``adv_estimator=mixed_grpo``): mixed rollouts, the expert, Eq. 11 advantages."""
+    n_mix: int = 0
+    """Mixed rollouts per prompt while alpha > 0 (``algorithm.mentor.n_mix`` with mixed_grpo, else 0)."""
+    responses_per_prompt: int = 0
+    """n + n_mix while alpha > 0 (n once alpha = 0)."""
+    mini_batches_per_step: int = 1
+    """PPO mini-batches per step: rollout_batch_size / global_batch_size."""
+    optimizer_updates_per_step: int = 1
+    """Optimizer steps per training step: mini_batches_per_step x ppo_epochs."""
+    reward_range: float = 1.0
+    """R_range of Eq. 11: ``algorithm.mentor.reward_range``, else max - min of the reward (math: |w_acc| + |w_fmt|)."""
+    use_reference: bool = False
+    """A frozen reference model is loaded (``worker.actor.use_kl_loss``)."""
+    max_seq_len: int = 0
+    """data.max_prompt_length + data.max_response_length."""
 
 
 @dataclass
@@ -318,6 +354,8 @@ class MentorRunConfig:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    derived: DerivedConfig = field(default_factory=DerivedConfig, init=False)
+    """Filled by validate(); see :class:`DerivedConfig`."""
 
 
 def register_configs() -> None:

@@ -16,7 +16,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from mentor.config.schema import MentorRunConfig, register_configs
+from mentor.algos import ALPHA_SCHEDULES, KL_PENALTY_KINDS, LOSS_AGG_MODES
+from mentor.config.schema import DerivedConfig, MentorRunConfig, register_configs
+from mentor.utils.device import resolve_device_type
 from mentor.utils.tracking import SWANLAB_MODES
 
 CONFIG_DIR = Path(os.environ.get("MENTOR_CONFIG_DIR", Path(__file__).resolve().parents[2] / "configs"))
@@ -76,8 +78,11 @@ def _explain(err: Exception) -> str:
 
 
 def validate(cfg: DictConfig | MentorRunConfig) -> MentorRunConfig:
-    """Check a composed config and return it typed, with absolute paths. Raises ConfigError naming the key."""
+    """Check a composed config and return it typed, with absolute paths and ``derived`` filled in.
+
+    Raises ConfigError naming the key."""
     if isinstance(cfg, DictConfig):
+        _refuse_derived_overrides(cfg)
         try:
             OmegaConf.resolve(cfg)
             obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(MentorRunConfig), cfg))
@@ -87,7 +92,60 @@ def validate(cfg: DictConfig | MentorRunConfig) -> MentorRunConfig:
         obj = cfg
     _check_values(obj)
     _resolve_paths(obj)
+    obj.derived = derive(obj)
     return obj
+
+
+def _refuse_derived_overrides(cfg: DictConfig) -> None:
+    """``derived.*`` is computed here; a value set by hand would be silently replaced, so it is an error."""
+    from dataclasses import asdict
+
+    given = cfg.get("derived") if "derived" in cfg else None
+    if given is None:
+        return
+    defaults = asdict(DerivedConfig())
+    for key, value in OmegaConf.to_container(given).items():
+        _require(key in defaults and value == defaults[key], f"derived.{key}",
+                 "is computed by validate() from the other keys and cannot be set (set the keys it derives from)")
+
+
+def world_layout(c: MentorRunConfig) -> tuple[int, int]:
+    """(world size, ranks per node): Ray runs nnodes x n_gpus_per_node ranks, local mode one in-process rank."""
+    t = c.trainer
+    return (t.nnodes * t.n_gpus_per_node, t.n_gpus_per_node) if t.use_ray else (1, 1)
+
+
+def default_reward_range(function: str, kwargs: dict[str, Any]) -> float:
+    """max - min of the reward: for the built-in math reward overall = w_acc * acc + w_fmt * fmt with acc, fmt in
+    {0, 1}, so the span is |w_acc| + |w_fmt| (defaults from its signature: 0.9 + 0.1 = 1.0); 1.0 for a custom one."""
+    if function != "math":
+        return 1.0
+    import inspect
+
+    from mentor.rewards.math import compute_score
+
+    defaults = {k: p.default for k, p in inspect.signature(compute_score).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    weights = [float(kwargs.get(k, defaults[k])) for k in ("accuracy_weight", "format_weight")]
+    return sum(abs(w) for w in weights)
+
+
+def derive(c: MentorRunConfig) -> DerivedConfig:
+    """The values every component reads instead of recomputing them (see :class:`DerivedConfig`)."""
+    a, act, m = c.algorithm, c.worker.actor, c.algorithm.mentor
+    world, per_node = world_layout(c)
+    mixed = a.adv_estimator == "mixed_grpo"
+    n_mix = m.n_mix if mixed else 0
+    minis = c.data.rollout_batch_size // act.global_batch_size
+    reward_range = m.reward_range if m.reward_range is not None else default_reward_range(
+        c.worker.reward.reward_function, c.worker.reward.reward_kwargs)
+    _require(reward_range > 0, "algorithm.mentor.reward_range",
+             "the reward weights span 0; set algorithm.mentor.reward_range > 0")
+    return DerivedConfig(
+        device_type=resolve_device_type(c.trainer.device), world_size=world, ranks_per_node=per_node, mixed=mixed,
+        n_mix=n_mix, responses_per_prompt=c.worker.rollout.n + n_mix, mini_batches_per_step=minis,
+        optimizer_updates_per_step=minis * act.ppo_epochs, reward_range=float(reward_range),
+        use_reference=act.use_kl_loss, max_seq_len=c.data.max_prompt_length + c.data.max_response_length)
 
 
 def _require(ok: bool, key: str, msg: str) -> None:
@@ -112,10 +170,10 @@ def _check_values(c: MentorRunConfig) -> None:
     _require(ro.val.n >= 1, "worker.rollout.val.n", "must be >= 1")
     _require(act.clip_ratio_low > 0 and act.clip_ratio_high > 0, "worker.actor.clip_ratio_low/high", "must be > 0")
     _require(act.clip_ratio_dual > 1, "worker.actor.clip_ratio_dual", f"is {act.clip_ratio_dual}; must be > 1")
-    _require(act.loss_agg_mode in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"),
-             "worker.actor.loss_agg_mode", f"{act.loss_agg_mode!r} is not a known mode")
-    _require(act.kl_loss_type in ("kl", "abs", "mse", "low_var_kl"), "worker.actor.kl_loss_type",
-             f"{act.kl_loss_type!r} is not one of kl, abs, mse, low_var_kl")
+    _require(act.loss_agg_mode in LOSS_AGG_MODES, "worker.actor.loss_agg_mode",
+             f"{act.loss_agg_mode!r} is not one of {', '.join(LOSS_AGG_MODES)}")
+    _require(act.kl_loss_type in KL_PENALTY_KINDS, "worker.actor.kl_loss_type",
+             f"{act.kl_loss_type!r} is not one of {', '.join(KL_PENALTY_KINDS)}")
     _require(act.optim.lr_schedule in ("constant", "cosine"), "worker.actor.optim.lr_schedule",
              "must be 'constant' or 'cosine'")
     _require(act.ppo_epochs >= 1, "worker.actor.ppo_epochs", "must be >= 1")
@@ -125,8 +183,8 @@ def _check_values(c: MentorRunConfig) -> None:
     _require(m.gamma.source in ("measured", "paper", "fixed"), "algorithm.mentor.gamma.source",
              f"{m.gamma.source!r} is not one of measured, paper, fixed")
     _require(m.gamma.initial > 0, "algorithm.mentor.gamma.initial", "must be > 0")
-    _require(m.alpha_schedule in ("cosine", "linear", "constant"), "algorithm.mentor.alpha_schedule",
-             f"{m.alpha_schedule!r} is not one of cosine, linear, constant")
+    _require(m.alpha_schedule in ALPHA_SCHEDULES, "algorithm.mentor.alpha_schedule",
+             f"{m.alpha_schedule!r} is not one of {', '.join(ALPHA_SCHEDULES)}")
     _require(m.alpha_steps >= 1, "algorithm.mentor.alpha_steps", "must be >= 1")
     _require(m.n_mix >= 0, "algorithm.mentor.n_mix", "must be >= 0")
     _require(m.reward_range is None or m.reward_range > 0, "algorithm.mentor.reward_range", "must be > 0")
@@ -143,11 +201,16 @@ def _check_values(c: MentorRunConfig) -> None:
         _require(name in ("console", "jsonl", "swanlab"), "trainer.logger", f"unknown logger {name!r}")
     _require(t.ray.object_store_memory_mb >= 75, "trainer.ray.object_store_memory_mb", "Ray needs >= 75 MiB")
     _require(t.max_steps is None or t.max_steps >= 1, "trainer.max_steps", "must be >= 1 or null")
+    _require(t.gpu_memory_gib > 0, "trainer.gpu_memory_gib", "must be > 0 (GiB of one GPU)")
+    _require(0 < ro.vllm.gpu_memory_utilization <= 1, "worker.rollout.vllm.gpu_memory_utilization",
+             f"is {ro.vllm.gpu_memory_utilization}; must be in (0, 1]")
+    _require(t.use_ray or t.nnodes == 1, "trainer.nnodes",
+             f"is {t.nnodes} but trainer.use_ray=false runs one in-process rank; set trainer.nnodes=1 or use Ray")
 
 
 def _check_batch_sizes(c: MentorRunConfig, n_mix: int) -> None:
-    d, act, t = c.data, c.worker.actor, c.trainer
-    world = t.nnodes * (1 if not t.use_ray else t.n_gpus_per_node)
+    d, act = c.data, c.worker.actor
+    world, _ = world_layout(c)
     _require(act.global_batch_size >= 1, "worker.actor.global_batch_size", "must be >= 1")
     _require(d.rollout_batch_size % act.global_batch_size == 0, "worker.actor.global_batch_size",
              f"data.rollout_batch_size={d.rollout_batch_size} is not divisible by "

@@ -26,6 +26,8 @@ import socket
 import torch
 import torch.distributed as dist
 
+from mentor.utils.device import rank_device, ray_assigned_gpus
+
 __all__ = ["Worker", "free_port"]
 
 logger = logging.getLogger(__name__)
@@ -61,6 +63,9 @@ class Worker:
     and expert together (co-located in one process), and the group calls its methods.
     """
 
+    device_type: str = "auto"
+    """``cuda``, ``cpu`` or ``auto`` (CUDA when available); the FSDP worker sets the driver's ``derived.device_type``."""
+
     @property
     def rank(self) -> int:
         return int(_env("RANK"))
@@ -75,14 +80,13 @@ class Worker:
 
     @property
     def device(self) -> torch.device:
-        """``cuda:i`` when CUDA is visible, else ``cpu``.
+        """This rank's device (:func:`mentor.utils.device.rank_device`): ``cuda:i`` when CUDA is visible, else cpu.
 
-        Ray gives an actor with ``num_gpus=1`` exactly one visible GPU (index 0); when a
-        process sees several GPUs (local mode), LOCAL_RANK picks one.
+        Ray gives an actor with ``num_gpus=1`` exactly one visible GPU (``cuda:0``); when a process sees several
+        GPUs (local mode, RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES=1), LOCAL_RANK or Ray's assignment picks one.
+        Subclasses that know the configured device type set :attr:`device_type`.
         """
-        if torch.cuda.is_available():
-            return torch.device("cuda", self.local_rank % torch.cuda.device_count())
-        return torch.device("cpu")
+        return rank_device(self.device_type, self.local_rank, assigned_gpus=ray_assigned_gpus())
 
     def get_master_addr_port(self) -> tuple[str, int]:
         """(MASTER_ADDR, MASTER_PORT) of this group; the group asks rank 0 for them."""
@@ -97,8 +101,8 @@ class Worker:
         """
         if dist.is_initialized():
             return
-        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-        if backend == "nccl":
+        backend = backend or ("nccl" if self.device.type == "cuda" else "gloo")
+        if "nccl" in backend:
             torch.cuda.set_device(self.device)
         addr, port = self.get_master_addr_port()
         dist.init_process_group(

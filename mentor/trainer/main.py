@@ -46,20 +46,27 @@ def ensure_tiny_assets(config: MentorRunConfig) -> None:
         build_tiny_assets()
 
 
+def check_memory_plan(config: MentorRunConfig) -> None:
+    """Refuse a GPU run whose memory plan does not fit (the dry run prints the whole table)."""
+    from mentor.trainer.memory import check_memory
+
+    plan = check_memory(config)
+    if plan is not None and not plan.fits:
+        raise ConfigError("memory plan: " + " | ".join(plan.errors) + " (see the table: bash examples/train.sh "
+                          "--dry-run with the same arguments)")
+
+
 def make_worker_group(config: MentorRunConfig) -> Any:
     from mentor.single_controller import LocalWorkerGroup, RayWorkerGroup, ResourcePool, init_ray
-    from mentor.workers.fsdp_worker import FSDPWorker, resolve_device
+    from mentor.workers.fsdp_worker import FSDPWorker
 
     t = config.trainer
     if not t.use_ray:
         return LocalWorkerGroup(FSDPWorker, config)
     init_ray(address=t.ray.address, num_cpus=t.ray.num_cpus, object_store_memory_mb=t.ray.object_store_memory_mb,
              temp_dir=t.ray.temp_dir)
-    use_gpu = resolve_device(t.device) == "cuda"
-    pool = ResourcePool(t.nnodes, t.n_gpus_per_node, use_gpu=use_gpu)
-    wg = RayWorkerGroup(FSDPWorker, pool, config)
-    wg.resource_pool = pool  # released with the group by run()
-    return wg
+    pool = ResourcePool(t.nnodes, config.derived.ranks_per_node, use_gpu=config.derived.device_type == "cuda")
+    return RayWorkerGroup(FSDPWorker, pool, config)  # run() releases wg.resource_pool with the group
 
 
 def run(cfg: DictConfig | MentorRunConfig) -> dict[str, Any]:
@@ -73,6 +80,7 @@ def run(cfg: DictConfig | MentorRunConfig) -> dict[str, Any]:
         from mentor.trainer.plan import dry_run
 
         return dry_run(config)
+    check_memory_plan(config)
     ensure_tiny_assets(config)
     # a bad trainer.resume fails here, before any worker starts (the trainer resolves it again when it loads)
     resolve_resume(config.trainer.resume, checkpoint_dir(config))

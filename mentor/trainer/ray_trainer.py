@@ -62,9 +62,8 @@ class RayTrainer:
         rw = c.worker.reward
         self.reward_pool = RewardPool(rw.reward_function, num_workers=rw.num_workers, timeout_s=rw.timeout_s,
                                       **rw.reward_kwargs)
-        self.mentor = c.algorithm.adv_estimator == "mixed_grpo"
-        m = c.algorithm.mentor
-        self.reward_range = m.reward_range if m.reward_range is not None else self._default_reward_range()
+        self.mentor = c.derived.mixed
+        self.reward_range = c.derived.reward_range  # R_range of Eq. 11, set by config.validate
         self.gamma: float | None = None  # gamma_p measured on the most recent batch the actor scored
         self.global_step = 0
         self.val_history: list[dict[str, Any]] = []
@@ -79,12 +78,6 @@ class RayTrainer:
         self.tracker = Tracker(c.trainer.logger, c.trainer.project_name, c.trainer.experiment_name,
                                c.trainer.output_dir, config=_flat_config(c), mode=c.trainer.swanlab_mode,
                                resume_lines=tracked.get("metrics_lines"), swanlab_run_id=tracked.get("swanlab_run_id"))
-
-    def _default_reward_range(self) -> float:
-        w = self.config.worker.reward.reward_kwargs
-        if self.config.worker.reward.reward_function == "math":
-            return float(w.get("accuracy_weight", 0.9)) + float(w.get("format_weight", 0.1))
-        return 1.0
 
     # ---- the loop ------------------------------------------------------------------------------------------
 
@@ -160,7 +153,7 @@ class RayTrainer:
         if self.config.trainer.save_hf_model:
             self.wg.export_hf(os.path.join(tmp, "hf"))
         state = {"global_step": step, "sampler": self.sampler.state_dict(), "gamma": self.gamma,
-                 "alpha_step": step, "val_history": self.val_history, "rng": capture_rng_state(),
+                 "val_history": self.val_history, "rng": capture_rng_state(),
                  "tracker": {"metrics_lines": ckpt.count_lines(self.tracker.jsonl_path),
                              "swanlab_run_id": self.tracker.swanlab_run_id}}
         ckpt.save_driver_state(tmp, state)
@@ -205,7 +198,7 @@ class RayTrainer:
                 self.update_gamma(batch)
                 if self.mentor:
                     metrics["mentor/gamma_next"] = self.gamma
-            if c.worker.actor.use_kl_loss:
+            if c.derived.use_reference:
                 with timer("ref", metrics):
                     batch = batch.union(self.wg.compute_ref_log_probs(batch))
             with timer("adv", metrics):

@@ -84,6 +84,13 @@ def pack_sequences(seqs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.T
     return seqs["input_ids"][mask].unsqueeze(0), seqs["position_ids"][mask].unsqueeze(0), index
 
 
+def _unflatten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[R] values of the True entries of ``mask`` [b, L] -> [b, L], 0 elsewhere (differentiable)."""
+    out = values.new_zeros(mask.shape)
+    out[mask] = values
+    return out
+
+
 class Actor:
     """PPO actor over ``model`` (HF causal LM, FSDP2-wrapped or plain).
 
@@ -104,18 +111,22 @@ class Actor:
         """log-probs [b, Lr] of the responses and token entropies [b, Lr] (or None) at ``temperature``."""
         seqs, keep = trim(mb)
         resp_len = mb["responses"].shape[1]
+        resp_mask = seqs["response_mask"].bool()  # [b, Lr']
+        # Only the R real response tokens are scored: [R, V], never a padded [b, Lr', V] (whose fp32 copy
+        # would grow with the longest response of the micro-batch, not with the token budget).
         if self.config.padding_free:
             input_ids, position_ids, index = pack_sequences(seqs)
             logits = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits[0]  # [T, V]
-            logits = logits[index].float()  # [b, Lr', V]
+            logits = logits[index[resp_mask]]  # [R, V]
         else:
             logits = self.model(input_ids=seqs["input_ids"], attention_mask=seqs["attention_mask"],
                                 position_ids=seqs["position_ids"], use_cache=False).logits
-            logits = logits[:, -keep - 1:-1, :].float()  # [b, Lr', V]: position t predicts response token t
+            logits = logits[:, -keep - 1:-1, :][resp_mask]  # [R, V]: position t predicts response token t
+        logits = logits.float()
         if temperature > 0:
             logits = logits / temperature
-        log_probs = log_probs_from_logits(logits, seqs["responses"])
-        entropy = entropy_from_logits(logits) if with_entropy else None
+        log_probs = _unflatten(log_probs_from_logits(logits, seqs["responses"][resp_mask]), resp_mask)
+        entropy = _unflatten(entropy_from_logits(logits), resp_mask) if with_entropy else None
         pad = resp_len - keep
         if pad:
             log_probs = torch.nn.functional.pad(log_probs, (0, pad))

@@ -23,17 +23,12 @@ from mentor.protocol import Batch
 from mentor.single_controller import Dispatch, Worker, register
 from mentor.utils.checkpoint import load_worker_checkpoint, save_worker_checkpoint
 from mentor.workers.actor import Actor
+from mentor.workers.offload import OptimizerOffload, fsdp_offload_kwargs, place_buffers
 from mentor.workers.rollout.base import SamplingParams, build_sequences, positions_from_mask
 
 logger = logging.getLogger(__name__)
 
 PHASES = {"on": 1, "mixed": 2, "val_greedy": 3, "val_sample": 4}
-
-
-def resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
 
 
 def sampling_seed(base: int, step: int, rank: int, phase: str) -> int:
@@ -99,8 +94,8 @@ class FSDPWorker(Worker):
     def __init__(self, config: MentorRunConfig) -> None:
         super().__init__()
         self.config = config
-        self.device_type = resolve_device(config.trainer.device)
-        self.dev = torch.device(f"cuda:{self.local_rank}") if self.device_type == "cuda" else torch.device("cpu")
+        self.device_type = config.derived.device_type  # resolved once on the driver
+        self.dev = self.device  # this rank's cuda:i (mentor/utils/device.py) or cpu
 
     # ---- set-up --------------------------------------------------------------------------------------------
 
@@ -111,7 +106,12 @@ class FSDPWorker(Worker):
         torch.manual_seed(c.trainer.seed)
         if self.device_type == "cpu" and os.environ.get("OMP_NUM_THREADS"):
             torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-        self.init_distributed("nccl" if self.device_type == "cuda" else "gloo")
+        # GPU: NCCL for CUDA tensors, gloo for the CPU ones (token counts, CPU-offloaded shards)
+        self.init_distributed("cpu:gloo,cuda:nccl" if self.device_type == "cuda" else "gloo")
+        if self.world_size != c.derived.world_size:
+            raise RuntimeError(f"the worker group has {self.world_size} ranks but the config plans "
+                               f"derived.world_size={c.derived.world_size} (trainer.nnodes x trainer.n_gpus_per_node, "
+                               "1 with trainer.use_ray=false): build the group from the validated config")
         act = c.worker.actor
         self.tokenizer = load_tokenizer(act.model_path)
         model = load_causal_lm(act.model_path, torch.float32, act.fsdp.attn_implementation)
@@ -122,13 +122,16 @@ class FSDPWorker(Worker):
         optim = act.optim
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=optim.lr, betas=tuple(optim.betas),
                                            weight_decay=optim.weight_decay)
-        updates = total_training_steps * act.ppo_epochs * (c.data.rollout_batch_size // act.global_batch_size)
+        updates = total_training_steps * c.derived.optimizer_updates_per_step
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(optim.lr_warmup_steps, updates, optim.lr_schedule, optim.min_lr_ratio))
+        # offload_params puts the optimizer on the CPU already (FSDP's CPUOffloadPolicy)
+        self.optimizer_offload = OptimizerOffload(self.optimizer, self.dev,
+                                                  enabled=act.fsdp.offload_optimizer and not act.fsdp.offload_params)
         self.actor = Actor(self.model, act, self.optimizer, self.lr_scheduler, self.world_size)
         self._init_rollout()
         self.ref = None
-        if act.use_kl_loss:
+        if c.derived.use_reference:
             ref = load_causal_lm(act.model_path, torch.float32, act.fsdp.attn_implementation)
             ref.requires_grad_(False)
             self.ref = Actor(self._shard(ref), act, world_size=self.world_size)
@@ -145,13 +148,17 @@ class FSDPWorker(Worker):
         if self.device_type == "cuda":
             mp = MixedPrecisionPolicy(param_dtype=resolve_dtype(fsdp.param_dtype, "cuda"),
                                       reduce_dtype=resolve_dtype(fsdp.reduce_dtype, "cuda"))
-        kwargs = {"mesh": mesh, "reshard_after_forward": fsdp.reshard_after_forward}
+        kwargs = {"mesh": mesh, "reshard_after_forward": fsdp.reshard_after_forward,
+                  **fsdp_offload_kwargs(fsdp.offload_params, self.dev)}
         if mp is not None:
             kwargs["mp_policy"] = mp
-        model.to(self.dev)
+        if not fsdp.offload_params:  # with CPUOffloadPolicy the shards stay in host memory
+            model.to(self.dev)
         for layer in model.model.layers:
             fully_shard(layer, **kwargs)
         fully_shard(model, **kwargs)
+        if fsdp.offload_params:
+            place_buffers(model, self.dev)
         return model
 
     def _init_rollout(self) -> None:
@@ -169,7 +176,7 @@ class FSDPWorker(Worker):
         self.pad_id = self.tokenizer.pad_token_id
         self.engine = HFRolloutEngine(self.rollout_model, self.eos_ids, self.pad_id, ro.max_batch_size)
         self.mixed_engine = None
-        if c.algorithm.adv_estimator == "mixed_grpo":
+        if c.derived.mixed:
             path = ro.expert.model_path
             expert_tok = load_tokenizer(path, key="worker.rollout.expert.model_path")
             self.expert = load_causal_lm(path, resolve_dtype(ro.expert.dtype, self.device_type),
@@ -201,12 +208,12 @@ class FSDPWorker(Worker):
                                              config=AutoConfig.from_pretrained(act.model_path))
         self.eos_ids = eos_token_ids(self.tokenizer, self.rollout_model)
         self.pad_id = self.tokenizer.pad_token_id
-        common = dict(eos_token_ids=self.eos_ids, pad_token_id=self.pad_id, config=ro.vllm, device=self.device_type,
+        common = dict(eos_token_ids=self.eos_ids, pad_token_id=self.pad_id, config=ro.vllm, device=str(self.dev),
                       seed=ro.seed, max_model_len=c.data.max_prompt_length + c.data.max_response_length,
                       max_num_seqs=ro.max_batch_size)
         self.engine = VLLMRolloutEngine(act.model_path, **common)
         self.mixed_engine = None
-        if c.algorithm.adv_estimator == "mixed_grpo":
+        if c.derived.mixed:
             path = ro.expert.model_path
             expert = SimpleNamespace(config=AutoConfig.from_pretrained(path))
             check_same_vocabulary(self.tokenizer, load_tokenizer(path, key="worker.rollout.expert.model_path"),
@@ -273,9 +280,10 @@ class FSDPWorker(Worker):
     @register(Dispatch.DP_COMPUTE)
     def update_actor(self, batch: Batch) -> dict[str, float]:
         """PPO update on this rank's slice; returns this rank's metrics."""
-        c = self.config
-        num_mini = c.data.rollout_batch_size // c.worker.actor.global_batch_size
-        metrics = self.actor.update_policy(batch.to(self.dev), self._temperature(), num_mini)
+        with self.optimizer_offload.on_device():  # offload_optimizer: Adam state on the GPU only while updating
+            metrics = self.actor.update_policy(batch.to(self.dev), self._temperature(),
+                                               self.config.derived.mini_batches_per_step)
+        self.optimizer_offload.offload()
         return metrics
 
     def _temperature(self) -> float:
@@ -287,6 +295,10 @@ class FSDPWorker(Worker):
     @register(Dispatch.ONE_TO_ALL)
     def save_checkpoint(self, path: str) -> None:
         """This rank's part of checkpoint ``path`` (the driver's ``.tmp-global_step_N``). Collective."""
+        with self.optimizer_offload.on_device():
+            self._save_checkpoint(path)
+
+    def _save_checkpoint(self, path: str) -> None:
         save_worker_checkpoint(path, rank=self.rank, world_size=self.world_size, model=self.model,
                                optimizer=self.optimizer, lr_scheduler=self.lr_scheduler,
                                counters={"skipped_steps": self.actor.skipped_steps,
@@ -297,8 +309,10 @@ class FSDPWorker(Worker):
     @register(Dispatch.ONE_TO_ALL)
     def load_checkpoint(self, path: str) -> None:
         """Restore model, optimizer, LR scheduler, this rank's RNG and the actor counters (after init_model)."""
-        counters = load_worker_checkpoint(path, rank=self.rank, world_size=self.world_size, model=self.model,
-                                          optimizer=self.optimizer, lr_scheduler=self.lr_scheduler)
+        with self.optimizer_offload.on_device():
+            counters = load_worker_checkpoint(path, rank=self.rank, world_size=self.world_size, model=self.model,
+                                              optimizer=self.optimizer, lr_scheduler=self.lr_scheduler)
+        self.optimizer_offload.offload()
         self.actor.skipped_steps = int(counters["skipped_steps"])
         self.actor.consecutive_bad_steps = int(counters["consecutive_bad_steps"])
 

@@ -63,11 +63,6 @@ class RolloutOutput:
     response_mask: Tensor
     stats: dict[str, float] = field(default_factory=dict)
 
-    @property
-    def lengths(self) -> Tensor:
-        """[B] long, response length of each row."""
-        return self.response_mask.sum(-1)
-
 
 class RolloutEngine(Protocol):
     """Anything that turns prompts into responses."""
