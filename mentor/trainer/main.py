@@ -72,8 +72,8 @@ def make_worker_group(config: MentorRunConfig) -> Any:
 def run(cfg: DictConfig | MentorRunConfig) -> dict[str, Any]:
     """Validate, train, report. Returns the trainer's result (last metrics, validation history)."""
     from mentor.trainer.ray_trainer import RayTrainer, checkpoint_dir
-    from mentor.utils.checkpoint import resolve_resume
     from mentor.trainer.report import write_report
+    from mentor.utils.checkpoint import resolve_resume
 
     config = validate(cfg)
     if config.trainer.dry_run:
