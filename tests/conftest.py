@@ -39,8 +39,16 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+# Fixtures whose users are slow by construction: the built tiny task (a cold build takes minutes), a module that
+# trains a 2-rank FSDP model in spawned processes, a Ray cluster with worker actors.
+SLOW_FIXTURES = {"tiny_assets", "runs", "trained", "ray_session"}
+RAY_FIXTURES = {"ray_session"}
+
+
 def pytest_collection_modifyitems(config, items):
-    """``gpu`` tests skip without CUDA; ``vllm`` tests skip when vllm does not import (no ``cpu`` extra)."""
+    """Tiers. ``slow``: end-to-end runs, asset builds, Ray, multi-second statistical tests (explicit marks plus
+    the fixtures above); ``ray`` implies ``slow``. ``gpu`` tests skip without CUDA; ``vllm`` tests skip when
+    vllm does not import (no ``cpu`` extra)."""
     import importlib.util
 
     import torch
@@ -49,6 +57,11 @@ def pytest_collection_modifyitems(config, items):
     no_vllm = pytest.mark.skip(reason="needs vllm (the cpu or gpu extra)")
     has_vllm = importlib.util.find_spec("vllm") is not None
     for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if fixtures & RAY_FIXTURES and "ray" not in item.keywords:
+            item.add_marker(pytest.mark.ray)
+        if (fixtures & SLOW_FIXTURES or "ray" in item.keywords) and "slow" not in item.keywords:
+            item.add_marker(pytest.mark.slow)
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(no_cuda)
         if "vllm" in item.keywords and not has_vllm:

@@ -54,6 +54,7 @@ def _run(script: str, tmp_path: Path) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_rollout_bench_quick_prints_a_row_per_configuration(tmp_path, tiny_assets):
     data = _run("rollout", tmp_path)
     modes = [(r["mode"], r["k"]) for r in data["results"] if r["engine"] == "hf"]
@@ -63,6 +64,7 @@ def test_rollout_bench_quick_prints_a_row_per_configuration(tmp_path, tiny_asset
     assert "naive/spec" in data["table"]
 
 
+@pytest.mark.slow
 def test_step_bench_quick_times_every_phase(tmp_path, tiny_assets):
     data = _run("step", tmp_path)
     g, m = data["runs"]["grpo"], data["runs"]["mentor"]

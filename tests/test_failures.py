@@ -50,6 +50,8 @@ def _finish(proc, timeout=480):
     return out
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_a_dead_worker_stops_the_run_naming_the_worker_and_the_last_good_checkpoint(tiny_assets, tmp_path):
     out = str(tmp_path / "run")
     proc = _start([*COMMON, "trainer.save_freq=1"], out)
@@ -68,6 +70,8 @@ def test_a_dead_worker_stops_the_run_naming_the_worker_and_the_last_good_checkpo
     assert latest is not None and os.path.exists(os.path.join(latest, "COMPLETE"))
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_sigterm_finishes_the_step_and_writes_a_final_checkpoint(tiny_assets, tmp_path):
     out = str(tmp_path / "run")
     proc = _start([*COMMON, "trainer.save_freq=-1"], out)  # no periodic checkpoints: only the one on SIGTERM

@@ -8,6 +8,8 @@ from mentor.protocol import Batch
 from mentor.single_controller import RayWorkerGroup, ResourcePool, init_ray
 from mentor.workers.fsdp_worker import FSDPWorker
 
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
 
 @pytest.fixture(scope="module")
 def group(tiny_assets):

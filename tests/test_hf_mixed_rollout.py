@@ -255,6 +255,7 @@ def exact3(stat_pair):
     return ps, ss, gamma
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode,k", [("naive", 1), ("speculative", 1), ("speculative", 2)])
 def test_three_token_sequences_follow_the_exact_mixture(stat_pair, exact3, mode, k):
     # K = 2 with 3 tokens: a fully accepted first round ends with the bonus token at position 3;
@@ -266,6 +267,7 @@ def test_three_token_sequences_follow_the_exact_mixture(stat_pair, exact3, mode,
     _assert_close_in_tv(empirical(out.responses, [0, 1, 2]), target, expected, f"{mode} K={k}")
 
 
+@pytest.mark.slow
 def test_k4_rounds_with_bonus_and_truncation_follow_the_exact_mixture(stat_pair, exact3):
     # 5 tokens, K = 4: the first round drafts 4 tokens and a full acceptance emits the bonus at
     # position 5; later rounds shrink K to what the longest row still needs and truncate the others.
@@ -279,6 +281,7 @@ def test_k4_rounds_with_bonus_and_truncation_follow_the_exact_mixture(stat_pair,
         _assert_close_in_tv(empirical(out.responses, positions), cells, expected, f"K=4 tokens {positions}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("gamma,which,n", [(math.inf, "policy", 2 * N_ROWS), (1e-9, "expert", N_ROWS)])
 def test_extreme_gammas_give_the_policy_or_the_expert_distribution(stat_pair, exact3, gamma, which, n):
     ps, ss, _ = exact3

@@ -367,6 +367,7 @@ def _speculative_sequences(
 SEQUENCE_CASES = [(6, 2, 3), (4, 3, 4)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("v", "k", "length"), SEQUENCE_CASES)
 @pytest.mark.parametrize("bonus", [True, False])
 def test_speculative_sequences_are_distributed_as_autoregressive_mixture(v, k, length, bonus):
@@ -386,6 +387,7 @@ def test_bonus_drawn_from_expert_alone_is_detectably_biased():
     assert _tv(_empirical(_sequence_index(seqs, v), v**length), exact) > 5 * TV_TOL  # measured 0.31
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("gamma", "target"), [(float("inf"), "policy"), (1e-6, "expert")])
 def test_extreme_gamma_gives_policy_or_expert_sequences(gamma, target):
     v, k, length = SEQUENCE_CASES[0]

@@ -15,6 +15,8 @@ from mentor.config import compose
 from mentor.export import read_dcp_model_state
 from mentor.trainer.main import run
 
+pytestmark = [pytest.mark.slow, pytest.mark.ray]  # every test trains end to end
+
 COMMON = ["trainer.logger=[jsonl]", "data.max_val_samples=32", "worker.rollout.val.n=2", "trainer.max_steps=4",
           "trainer.val_freq=2", "trainer.save_freq=1", "trainer.save_limit=2"]
 

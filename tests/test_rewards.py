@@ -371,6 +371,7 @@ def test_pool_reports_a_bad_spec_at_construction(reward_file):
         RewardPool(f"{reward_file}:missing", num_workers=1)
 
 
+@pytest.mark.slow
 def test_math_pool_zeroes_a_hung_sample_and_grades_the_rest(math500):
     # verify_timeout_s=None turns the in-worker alarm off, so the tower really hangs and only the
     # pool's kill can end it.

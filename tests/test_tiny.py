@@ -156,6 +156,7 @@ def test_reloaded_models_reproduce_the_reported_greedy_accuracy(tiny_assets, loa
 
 # --- cache and determinism (quick build: same pipeline, seconds) -----------------------------------
 
+@pytest.mark.slow
 def test_same_seed_gives_byte_identical_weights_data_and_tokenizer(tmp_path):
     a = build_tiny_assets(tmp_path / "a", seed=5, quick=True)
     b = build_tiny_assets(tmp_path / "b", seed=5, quick=True)

@@ -7,6 +7,8 @@ import pytest
 from mentor.config import compose
 from mentor.trainer.main import run
 
+pytestmark = [pytest.mark.slow, pytest.mark.ray]  # every test trains end to end
+
 FAST = ["trainer.logger=[jsonl]", "data.max_val_samples=64", "worker.rollout.val.n=2"]
 
 

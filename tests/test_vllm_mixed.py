@@ -38,6 +38,8 @@ from mentor.workers.rollout.vllm_engine import VLLMMixedRolloutEngine  # noqa: E
 from mentor.workers.rollout.vllm_mixture import MixtureSettings, mixture_target_logits  # noqa: E402
 from _sequence_dists import exact_joint, sequence_tools  # noqa: E402
 
+pytestmark = pytest.mark.vllm
+
 logger = logging.getLogger(__name__)
 
 PAD, V, PROMPT = 0, 12, [1, 2]
@@ -137,6 +139,7 @@ def gamma(pair):
     return float(torch.cat([policy_entropy(p) for p in ps]).median())
 
 
+@pytest.mark.slow
 def test_k1_prefill_draft_and_bonus_tokens_follow_the_exact_mixture(pair, gamma):
     params = SamplingParams(3, temperature=TEMPERATURE)
     target = exact_joint(*exact_dists(pair[0], pair[1], 3, params), gamma)
@@ -144,6 +147,7 @@ def test_k1_prefill_draft_and_bonus_tokens_follow_the_exact_mixture(pair, gamma)
     assert_close_in_tv(empirical(sample(engine, params, gamma, n), [0, 1, 2]), target, "vllm K=1, 3 tokens", n)
 
 
+@pytest.mark.slow
 def test_k3_rounds_with_top_p_and_bonus_follow_the_exact_mixture(pair, gamma, engine_k3):
     # 5 tokens: the prefill token, 3 drafts verified in one round, the bonus at position 5; checked
     # on the joint of tokens 1-3 (12^3 cells) and of tokens 4-5 (12^2 cells).
@@ -154,6 +158,7 @@ def test_k3_rounds_with_top_p_and_bonus_follow_the_exact_mixture(pair, gamma, en
         assert_close_in_tv(empirical(responses, positions), marginal(target, 5, positions), f"vllm K=3 {positions}")
 
 
+@pytest.mark.slow
 def test_an_expert_of_another_shape_is_mixed_exactly(pair, tmp_path):
     # The expert has its own KV-cache layout (hidden 128, 3 layers, 1 KV head of 64 vs the policy's
     # 2 x 32): vLLM must give each model its own cache. 50k rows suffice here (`assert_close_in_tv` checks).
@@ -175,6 +180,7 @@ def test_an_expert_of_another_shape_is_mixed_exactly(pair, tmp_path):
 
 # ----------------------------------------------------------------------------- acceptance, stats, sync
 
+@pytest.mark.slow
 def test_acceptance_rate_matches_the_hf_mixed_engine(pair, gamma, engine_k3):
     # Per verified draft the acceptance probability is 1 - TV(p, q) at its prefix in both engines. The
     # engines verify different positions (hf drafts from response token 1, vLLM samples token 1 from

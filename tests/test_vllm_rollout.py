@@ -28,6 +28,8 @@ from mentor.workers.rollout.hf_engine import HFRolloutEngine  # noqa: E402
 from mentor.workers.rollout.vllm_adapter import _expand_batch_to_tokens  # noqa: E402
 from mentor.workers.rollout.vllm_engine import VLLMRolloutEngine, request_seeds  # noqa: E402
 
+pytestmark = pytest.mark.vllm
+
 PAD, VOCAB, EOS = 0, 16, [14, 15]
 PROMPTS = [[1, 2, 3], [4], [5, 6, 7, 8, 9], [2, 2], [9, 8, 7, 6], [3]] * 2  # 12 ragged rows
 TEMPERATURE = 0.8
