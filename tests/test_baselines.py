@@ -240,3 +240,45 @@ def test_gamma_presets_set_source_initial_floor_and_refuse_contradictions():
     assert (g.source, g.initial, g.floor) == ("fixed", 2.0, 0.5)
     with pytest.raises(ValueError, match="gamma.floor=2.0 contradicts gamma.preset='paper'.*preset=custom"):
         resolve_gamma_preset(GammaConfig(preset="paper", floor=2.0), GammaConfig())
+
+
+# ---- end to end (tiny task, local mode, 2 steps) ---------------------------------------------------------------
+
+E2E = ["trainer.logger=[jsonl]", "trainer.use_ray=false", "trainer.n_gpus_per_node=1", "trainer.max_steps=2",
+       "trainer.val_before_train=false", "trainer.val_freq=-1", "data.rollout_batch_size=8"]
+
+
+def _metrics(out_dir):
+    import json
+
+    with open(out_dir / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.slow
+def test_luffy_trains_end_to_end_with_one_expert_row_per_prompt(tiny_assets, tmp_path, monkeypatch):
+    from mentor.config import compose
+    from mentor.trainer.main import run
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    run(compose("tiny_cpu", [*E2E, "algorithm.adv_estimator=luffy", f"trainer.output_dir={tmp_path}"]))
+    rows = _metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["reward/accuracy_expert"] == 1.0  # the tiny task's solutions are correct
+        assert r["critic/advantages_mean_expert"] >= 0  # the expert has the group's top reward
+        assert 0 < r["luffy/off_prob"] <= 1
+
+
+@pytest.mark.slow
+def test_questa_hints_training_prompts_with_the_scheduled_ratio(tiny_assets, tmp_path, monkeypatch):
+    from mentor.config import compose
+    from mentor.trainer.main import run
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    run(compose("tiny_cpu", [*E2E, "algorithm.adv_estimator=grpo", "algorithm.questa.enable=true",
+                             "algorithm.questa.switch_step=1", "data.max_prompt_length=128",
+                             f"trainer.output_dir={tmp_path}"]))
+    rows = _metrics(tmp_path)
+    assert [r["questa/hint_ratio"] for r in rows] == [0.5, 0.25]  # two_stage, switch after step 1
+    assert all(r["questa/hint_truncated_frac"] == 0.0 and r["questa/hint_chars"] > 0 for r in rows)
