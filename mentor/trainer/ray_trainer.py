@@ -281,6 +281,8 @@ class RayTrainer:
         return batch.index(order)
 
     def alpha(self, step: int) -> float:
+        """alpha of training step ``step`` (1-based) = schedule(step - 1): step 1 has alpha0. The official code uses
+        schedule(step), one step earlier on the same curve (README, deviations)."""
         m = self.config.algorithm.mentor
         return algos.alpha_schedule(step - 1, m.alpha0, m.alpha_steps, m.alpha_schedule)
 
