@@ -6,13 +6,13 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from mentor.algos import (GAMMA_MIN, compute_luffy_advantage, compute_luffy_policy_loss, gamma_token_mask,
-                          get_adv_estimator, hint_ratio_schedule, measure_gamma, policy_shaping)
+from mentor.algos import (GAMMA_MIN, RolloutCounts, compute_luffy_advantage, compute_luffy_policy_loss,
+                          gamma_token_mask, get_adv_estimator, hint_ratio_schedule, measure_gamma, policy_shaping,
+                          rollouts_per_prompt)
 from mentor.algos.gamma import resolve_gamma_preset
 from mentor.config.schema import GammaConfig
 from mentor.data.dataset import DataError, _solution_field
 from mentor.data.questa import HINT_HEADER, build_hinted_question, fit_hint, hint_prefix
-from mentor.trainer.ray_trainer import RolloutCounts, rollouts_per_prompt
 from mentor.workers.rollout.base import fixed_rollout
 
 

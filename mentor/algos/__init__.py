@@ -12,14 +12,16 @@ from mentor.algos.advantages import (compute_grpo_outcome_advantage, compute_luf
 from mentor.algos.gamma import GAMMA_MIN, GAMMA_PRESETS, GAMMA_ROWS, gamma_token_mask, measure_gamma
 from mentor.algos.losses import (KL_PENALTY_KINDS, LOSS_AGG_MODES, agg_loss, compute_luffy_policy_loss,
                                  compute_policy_loss, kl_penalty, policy_shaping)
-from mentor.algos.schedules import ALPHA_SCHEDULES, HINT_SCHEDULES, alpha_schedule, hint_ratio_schedule
+from mentor.algos.schedules import (ALPHA_SCHEDULES, HINT_SCHEDULES, RolloutCounts, alpha_schedule, hint_ratio_schedule,
+                                    rollouts_per_prompt)
 from mentor.algos.tensor_ops import (entropy_from_logits, log_probs_from_logits, masked_mean, masked_quantile,
                                      masked_sum, masked_var)
 
 __all__ = [
     "ALPHA_SCHEDULES", "KL_PENALTY_KINDS", "LOSS_AGG_MODES", "register_adv_estimator", "get_adv_estimator",
     "compute_grpo_outcome_advantage", "compute_mixed_grpo_advantage", "compute_luffy_advantage", "alpha_schedule",
-    "HINT_SCHEDULES", "hint_ratio_schedule", "GAMMA_MIN", "GAMMA_PRESETS", "GAMMA_ROWS", "gamma_token_mask",
-    "measure_gamma", "agg_loss", "compute_policy_loss", "compute_luffy_policy_loss", "policy_shaping", "kl_penalty", "entropy_from_logits",
-    "log_probs_from_logits", "masked_sum", "masked_mean", "masked_var", "masked_quantile",
+    "HINT_SCHEDULES", "hint_ratio_schedule", "RolloutCounts", "rollouts_per_prompt", "GAMMA_MIN", "GAMMA_PRESETS",
+    "GAMMA_ROWS", "gamma_token_mask", "measure_gamma", "agg_loss", "compute_policy_loss", "compute_luffy_policy_loss",
+    "policy_shaping", "kl_penalty", "entropy_from_logits", "log_probs_from_logits", "masked_sum", "masked_mean",
+    "masked_var", "masked_quantile",
 ]

@@ -20,7 +20,7 @@ import logging
 import os
 import signal
 import threading
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -230,7 +230,7 @@ class RayTrainer:
 
     def n_on_policy(self, alpha: float) -> int:
         c, m = self.config, self.config.algorithm.mentor
-        return rollouts_per_prompt(c.worker.rollout.n, m.n_mix, c.algorithm.adv_estimator, alpha,
+        return algos.rollouts_per_prompt(c.worker.rollout.n, m.n_mix, c.algorithm.adv_estimator, alpha,
                                    m.after_alpha_zero).on_policy
 
     def sample_prompts(self, step: int = 1, metrics: dict[str, Any] | None = None) -> Batch:
@@ -353,36 +353,6 @@ class RayTrainer:
         return {"accuracy": np.array([s.get("accuracy", 0.0) for s in scores], dtype=float),
                 "overall": np.array([s["overall"] for s in scores], dtype=float),
                 "length": batch["response_mask"].sum(-1).numpy().astype(float)}
-
-
-class RolloutCounts(NamedTuple):
-    """Rollouts per prompt in one step: ``on_policy`` sampled from the policy, ``mixed`` from MENTOR's mixed
-    policy, ``expert`` fixed expert solutions (LUFFY)."""
-
-    on_policy: int
-    mixed: int
-    expert: int
-
-
-def rollouts_per_prompt(n: int, n_mix: int, estimator: str, alpha: float, after_alpha_zero: str = "keep"
-                        ) -> RolloutCounts:
-    """The group of one prompt at a step with weight ``alpha``.
-
-    grpo: n on-policy. luffy: n - 1 on-policy + 1 expert solution. mixed_grpo: n + n_mix mixed while alpha > 0;
-    once alpha = 0 the mixed rollouts stop and ``after_alpha_zero`` decides the budget: ``keep`` (official code)
-    keeps the n on-policy rollouts, ``refill`` draws n + n_mix on-policy rollouts (same budget as before).
-    """
-    if estimator == "luffy":
-        return RolloutCounts(n - 1, 0, 1)
-    if estimator != "mixed_grpo":
-        return RolloutCounts(n, 0, 0)
-    if alpha > 0:
-        return RolloutCounts(n, n_mix, 0)
-    if after_alpha_zero == "keep":
-        return RolloutCounts(n, 0, 0)
-    if after_alpha_zero == "refill":
-        return RolloutCounts(n + n_mix, 0, 0)
-    raise ValueError(f"algorithm.mentor.after_alpha_zero: {after_alpha_zero!r} is not one of keep, refill")
 
 
 class TrainingAborted(RuntimeError):

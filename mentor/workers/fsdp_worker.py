@@ -238,8 +238,9 @@ class FSDPWorker(Worker):
 
         meta: ``phase`` (on | mixed | val_greedy | val_sample | expert), ``step``, ``temperature``, ``top_p``,
         ``top_k``, and for ``mixed`` the entropy threshold ``gamma``. ``expert`` samples nothing: the rows'
-        ``solution_ids`` (LUFFY's expert trajectories) become the responses, eos appended. Returns the sequence tensors at fixed widths
-        (data.max_prompt_length, data.max_response_length) and ``meta["metrics"]`` = the engine's stat sums.
+        ``solution_ids`` (LUFFY's expert trajectories) become the responses, eos appended. Returns the sequence
+        tensors at fixed widths (data.max_prompt_length, data.max_response_length) and ``meta["metrics"]`` = the
+        engine's stat sums.
         """
         c, meta = self.config, batch.meta
         prompts = [list(map(int, p)) for p in batch["prompt_ids"]]
