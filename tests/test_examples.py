@@ -181,7 +181,7 @@ def test_train_sh_env_overrides_reach_the_config(data_dir):
     assert cfg["worker"]["actor"]["optim"]["lr"] == 2e-6 and cfg["worker"]["actor"]["padding_free"] is False
     assert (cfg["trainer"]["nnodes"], cfg["trainer"]["ray"]["address"]) == (2, "auto")
     assert cfg["trainer"]["experiment_name"] == "exp1"
-    assert "2 node(s) x 8 = 16" in proc.stdout and "1024 (64 per rank)" in proc.stdout
+    assert "2 node(s) x 8 = 16" in proc.stdout and "1536 (96 per rank)" in proc.stdout  # 128 x (8 + 4) / 16
 
 
 def test_train_sh_without_prepared_data_names_the_missing_file(tmp_path):
