@@ -268,6 +268,7 @@ def test_luffy_trains_end_to_end_with_one_expert_row_per_prompt(tiny_assets, tmp
         assert r["reward/accuracy_expert"] == 1.0  # the tiny task's solutions are correct
         assert r["critic/advantages_mean_expert"] >= 0  # the expert has the group's top reward
         assert 0 < r["luffy/off_prob"] <= 1
+        assert r["luffy/expert_rows_cut"] == 0  # tiny solutions are ~40 tokens, max_response_length 96
 
 
 @pytest.mark.slow

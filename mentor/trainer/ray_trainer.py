@@ -197,7 +197,7 @@ class RayTrainer:
             with timer("gen", metrics):
                 batch = self.generate(prompts, self.n_on_policy(alpha), "on", step, metrics)  # [P*N_on, ...]
             if self.luffy:  # one of the n rollouts per prompt is the expert's solution
-                expert = self.generate(prompts, 1, "expert", step)  # [P, ...]
+                expert = self.generate(prompts, 1, "expert", step, metrics)  # [P, ...]
                 batch = self.group_by_prompt(Batch.concat([batch, expert]))  # [P*n, ...]
             if self.mentor and alpha > 0:
                 with timer("gen_mixed", metrics):
@@ -402,6 +402,8 @@ def _response_ids(batch: Batch) -> list[list[int]]:
 def _engine_metrics(stats: dict[str, list[float]], phase: str) -> dict[str, float]:
     """Engine stat sums (one value per rank) -> rates."""
     total = {k: float(sum(v)) if isinstance(v, list) else float(v) for k, v in stats.items()}
+    if phase == "expert":  # expert solutions cut at data.max_response_length (no eos, usually no reward)
+        return {"luffy/expert_rows_cut": total.get("rows_cut", 0.0)}
     if phase != "mixed":
         return {}
     tokens = max(total.get("tokens_emitted", 0.0), 1.0)
