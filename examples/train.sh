@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The paper's MENTOR run (arXiv 2510.04140, App. B) on one 8-GPU node: Qwen2.5-7B policy, OpenR1-Qwen-7B expert,
-# MATH levels 3-5 (train), MATH-500 (val), rollout batch 128, lr 1e-6, T 1.0, clip-high 0.28, 4 on-policy + 4 mixed
+# MATH levels 3-5 (train), MATH-500 (val), rollout batch 128, lr 1e-6, T 1.0, clip-high 0.28, 8 on-policy + 4 mixed
 # rollouts, K = 4, p = 0.95, alpha cosine over 120 steps, responses up to 8192 tokens, SwanLab cloud when
 # SWANLAB_API_KEY is set (else local). All of it is configs/mentor.yaml; this script adds paths and the flags below.
 #

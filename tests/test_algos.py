@@ -44,7 +44,7 @@ def _last_token_rewards(scores, lengths, width=3):
 def test_registry_returns_registered_functions_and_lists_valid_names_on_error():
     assert get_adv_estimator("grpo") is compute_grpo_outcome_advantage
     assert get_adv_estimator("mixed_grpo") is compute_mixed_grpo_advantage
-    with pytest.raises(ValueError, match=r"'gae'.*\['grpo', 'mixed_grpo'\]"):
+    with pytest.raises(ValueError, match=r"'gae'.*\['grpo', 'luffy', 'mixed_grpo'\]"):
         get_adv_estimator("gae")
     with pytest.raises(ValueError, match="already registered"):
         algos.register_adv_estimator("grpo")(lambda: None)

@@ -27,8 +27,13 @@ def test_every_shipped_config_composes_and_validates(name):
 def test_paper_defaults_match_design():
     cfg = validate(compose("mentor"))
     assert cfg.algorithm.adv_estimator == "mixed_grpo"
-    assert (cfg.worker.rollout.n, cfg.algorithm.mentor.n_mix, cfg.worker.rollout.spec_k) == (4, 4, 4)
-    assert cfg.algorithm.mentor.gamma.percentile == 0.95
+    # the official train.sh: rollout.n=8 on-policy + n_mixedpolicy=4; gamma 999 at step 1, then max(q, 1.5) over
+    # on-policy rows; the 8 on-policy rollouts stay once alpha = 0
+    assert (cfg.worker.rollout.n, cfg.algorithm.mentor.n_mix, cfg.worker.rollout.spec_k) == (8, 4, 4)
+    g = cfg.algorithm.mentor.gamma
+    assert (g.percentile, g.preset, g.source, g.initial, g.floor, g.rows) == (0.95, "paper", "paper", 999.0, 1.5,
+                                                                            "on_policy")
+    assert cfg.algorithm.mentor.after_alpha_zero == "keep"
     assert (cfg.algorithm.mentor.alpha0, cfg.algorithm.mentor.alpha_schedule, cfg.algorithm.mentor.alpha_steps) == (
         1.0, "cosine", 120)
     assert (cfg.worker.actor.clip_ratio_low, cfg.worker.actor.clip_ratio_high) == (0.2, 0.28)
@@ -91,10 +96,28 @@ def test_unknown_key_inside_a_yaml_names_the_key():
     (["worker.reward.reward_function=no_colon_here"], "worker.reward.reward_function"),
     (["trainer.logger=[console,wandb]"], "trainer.logger"),
     (["trainer.swanlab_mode=clouds"], "trainer.swanlab_mode"),
+    (["algorithm.mentor.after_alpha_zero=drop"], "algorithm.mentor.after_alpha_zero"),
+    (["algorithm.mentor.gamma.rows=mixed"], "algorithm.mentor.gamma.rows"),
+    (["algorithm.mentor.gamma.preset=official"], "algorithm.mentor.gamma.preset"),
+    (["algorithm.mentor.gamma.preset=paper", "algorithm.mentor.gamma.floor=2.0"], "algorithm.mentor.gamma.floor"),
+    (["algorithm.luffy.shaping_gamma=0"], "algorithm.luffy.shaping_gamma"),
+    (["algorithm.questa.hint_ratio=1.5"], "algorithm.questa.hint_ratio"),
+    (["algorithm.questa.schedule=cosine"], "algorithm.questa.schedule"),
+    (["algorithm.questa.enable=true", "data.solution_key="], "data.solution_key"),
 ])
 def test_bad_combination_names_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate(compose("tiny_cpu", overrides))
+
+
+def test_baselines_compose_and_validate():
+    luffy = validate(compose("tiny_cpu", ["algorithm.adv_estimator=luffy"]))
+    assert (luffy.algorithm.luffy.shaping_gamma, luffy.algorithm.luffy.remove_clip) == (0.1, True)
+    questa = validate(compose("tiny_cpu", ["algorithm.adv_estimator=grpo", "algorithm.questa.enable=true"]))
+    q = questa.algorithm.questa
+    assert (q.hint_ratio, q.final_ratio, q.schedule, q.switch_step) == (0.5, 0.25, "two_stage", None)
+    custom = validate(compose("tiny_cpu", ["algorithm.mentor.gamma.preset=custom", "algorithm.mentor.gamma.floor=1.5"]))
+    assert (custom.algorithm.mentor.gamma.source, custom.algorithm.mentor.gamma.floor) == ("measured", 1.5)
 
 
 def test_grpo_needs_no_expert():

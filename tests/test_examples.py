@@ -152,19 +152,21 @@ def test_train_sh_dry_run_prints_the_paper_config_and_plan(data_dir):
     assert (act["global_batch_size"], act["entropy_coef"], act["use_kl_loss"]) == (64, 0.0, False)
     assert (act["fsdp"]["attn_implementation"], act["padding_free"], act["use_dynamic_bsz"]) == (
         "flash_attention_2", True, True)
-    assert (ro["temperature"], ro["n"], ro["spec_k"], ro["name"]) == (1.0, 4, 4, "vllm")
+    assert (ro["temperature"], ro["n"], ro["spec_k"], ro["name"]) == (1.0, 8, 4, "vllm")
     m = alg["mentor"]
     assert (alg["adv_estimator"], m["n_mix"], m["alpha0"], m["alpha_schedule"], m["alpha_steps"]) == (
         "mixed_grpo", 4, 1.0, "cosine", 120)
-    assert m["gamma"]["percentile"] == 0.95
+    assert (m["gamma"]["percentile"], m["gamma"]["preset"], m["gamma"]["floor"], m["after_alpha_zero"]) == (
+        0.95, "paper", 1.5, "keep")
     assert cfg["worker"]["reward"]["reward_kwargs"] == {"accuracy_weight": 0.9, "format_weight": 0.1}
     t = cfg["trainer"]
     assert (t["nnodes"], t["n_gpus_per_node"], t["swanlab_mode"], t["dry_run"]) == (1, 8, "auto", True)
     assert "swanlab" in t["logger"]
     plan = proc.stdout.split("\n# plan\n", 1)[1]
-    # 128 prompts x (4 + 4) = 1024 responses over 8 ranks; 128 / 64 = 2 optimizer steps per training step
-    assert "1024 (128 per rank); 512 once alpha = 0" in plan
-    assert "2 (2 mini-batches of 64 prompts = 512 responses, 64 per rank" in plan
+    # 128 prompts x (8 + 4) = 1536 responses over 8 ranks; 128 x 8 = 1024 once alpha = 0 (keep);
+    # 128 / 64 = 2 optimizer steps per training step
+    assert "1536 (192 per rank); 1024 once alpha = 0 (after_alpha_zero=keep)" in plan
+    assert "2 (2 mini-batches of 64 prompts = 768 responses, 96 per rank" in plan
     assert "mixed rollouts on steps 1..120" in plan  # cosine alpha is exactly 0 from step 121 (index 120)
     assert "swanlab local (no SWANLAB_API_KEY; dashboard: swanlab watch " in plan
     # the memory plan of the shipped config fits 8 x 80 GB (numbers: tests/test_plan.py)
@@ -182,7 +184,7 @@ def test_train_sh_env_overrides_reach_the_config(data_dir):
     assert cfg["worker"]["actor"]["optim"]["lr"] == 2e-6 and cfg["worker"]["actor"]["padding_free"] is False
     assert (cfg["trainer"]["nnodes"], cfg["trainer"]["ray"]["address"]) == (2, "auto")
     assert cfg["trainer"]["experiment_name"] == "exp1"
-    assert "2 node(s) x 8 = 16" in proc.stdout and "1024 (64 per rank)" in proc.stdout
+    assert "2 node(s) x 8 = 16" in proc.stdout and "1536 (96 per rank)" in proc.stdout  # 128 x (8 + 4) / 16
 
 
 def test_train_sh_without_prepared_data_names_the_missing_file(tmp_path):
@@ -232,7 +234,7 @@ def test_plan_batch_arithmetic_of_the_tiny_config(tiny_assets):
     c = validate(compose("tiny_cpu"))
     plan = build_plan(c, 4096, None, None)
     # 16 prompts x (4 + 4) = 128 responses over 2 ranks; mini-batches of 8 prompts -> 2; micro 8 -> 32 / 8 = 4
-    assert plan["batch"]["responses / step"] == "128 (64 per rank); 64 once alpha = 0"
+    assert plan["batch"]["responses / step"] == "128 (64 per rank); 64 once alpha = 0 (after_alpha_zero=keep)"
     assert plan["batch"]["micro-batches"] == "8 samples -> 4 per mini-batch"
     assert plan["schedule"]["training steps"] == "30 (1 epochs, max_steps 30)"
     assert "mixed rollouts on steps 1..20" in plan["schedule"]["alpha"]

@@ -5,6 +5,7 @@
 - MENTOR mixed-policy GRPO advantages (arXiv 2510.04140, Sec. 3.2, Eq. 10-11): on-policy rollouts are z-scored
   within the on-policy rollouts of their prompt only; mixed rollouts get alpha * max(0, R_i - mean R_on) / R_range,
   so expert-guided failures are never penalised.
+- LUFFY advantages (Yan et al. 2025): R_i - mean over the whole group (expert trajectory included), no std.
 
 All take ``(token_level_rewards, response_mask, index, ...)`` and return ``(advantages, returns)``, [B, L] each.
 """
@@ -145,5 +146,31 @@ def compute_mixed_grpo_advantage(
         mean, std = scores[on].mean(), scores[on].std()
         adv[on] = (scores[on] - mean) / (std + eps)
         adv[mix] = alpha * (scores[mix] - mean).clamp_min(0) / reward_range
+    adv = adv.unsqueeze(-1) * response_mask  # [B, L]
+    return adv, adv
+
+
+@register_adv_estimator("luffy")
+@torch.no_grad()
+def compute_luffy_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index: Sequence[Any] | torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LUFFY (Yan et al. 2025, arXiv 2504.14945; official ``exp_scripts/train.sh``: ``grpo_use_std=False``):
+    A_i = R_i - mean_g R, the mean over the whole group, the expert trajectory included, no std.
+
+    Args:
+        token_level_rewards, response_mask: [B, L]; R_i is the row sum.
+        index: length-B group ids; each group holds its on-policy rows and its expert row.
+
+    Returns:
+        (advantages [B, L], returns [B, L]), equal, zero where ``response_mask`` is 0.
+    """
+    scores = _sequence_scores(token_level_rewards, response_mask)  # [B]
+    adv = torch.zeros_like(scores)
+    for rows in _group_rows(index, scores.shape[0]).values():
+        rows_t = torch.tensor(rows, device=scores.device)
+        adv[rows_t] = scores[rows_t] - scores[rows_t].mean()
     adv = adv.unsqueeze(-1) * response_mask  # [B, L]
     return adv, adv

@@ -1,6 +1,7 @@
 """Policy-gradient losses: the token-level clipped PPO loss with clip-higher (DAPO, Yu et al. 2025: eps_low 0.2,
 eps_high 0.28) and dual clip for negative advantages (Ye et al. 2020, verl semantics), loss aggregation modes, and
-KL estimators k1/abs/k2/k3 (Schulman 2020, "Approximating KL divergence").
+KL estimators k1/abs/k2/k3 (Schulman 2020, "Approximating KL divergence"), and LUFFY's mixed on/off-policy loss
+with policy shaping (Yan et al. 2025).
 
 Notation: B batch, L response length; all inputs [B, L].
 """
@@ -91,22 +92,91 @@ def compute_policy_loss(
                          f"got {clip_ratio_low}, {clip_ratio_high}")
     if clip_ratio_dual <= 1.0:
         raise ValueError(f"clip_ratio_dual must be > 1, got {clip_ratio_dual}")
+    pg_losses, parts = _clipped_pg_losses(old_log_probs, log_probs, advantages, clip_ratio_low, clip_ratio_high,
+                                          clip_ratio_dual)
+    loss = agg_loss(pg_losses, response_mask, loss_agg_mode, num_global_tokens, num_global_seqs, dp_size)
+    metrics = _pg_metrics(parts, response_mask)
+    return loss, metrics
+
+
+def _clipped_pg_losses(old_log_probs, log_probs, advantages, clip_ratio_low, clip_ratio_high, clip_ratio_dual,
+                       remove_clip: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-token PPO losses [B, L] of :func:`compute_policy_loss` (``remove_clip``: -A r, no clip, no dual clip),
+    and the detached pieces its metrics are made of."""
     log_ratio = log_probs - old_log_probs
     # clamp before exp: a far-off-policy token would make r inf and the gradient NaN
     ratio = torch.exp(log_ratio.clamp(-20.0, 20.0))
     pg_unclipped = -advantages * ratio
+    if remove_clip:
+        no = torch.zeros_like(pg_unclipped, dtype=torch.bool)
+        return pg_unclipped, {"clipped": no, "dual": no, "log_ratio": log_ratio.detach()}
     pg_clipped = -advantages * ratio.clamp(1.0 - clip_ratio_low, 1.0 + clip_ratio_high)
     pg = torch.maximum(pg_unclipped, pg_clipped)
     pg_dual = -advantages * clip_ratio_dual
     negative = advantages < 0
     pg_losses = torch.where(negative, torch.minimum(pg, pg_dual), pg)
+    parts = {"clipped": (pg_clipped > pg_unclipped).detach(), "dual": ((pg > pg_dual) & negative).detach(),
+             "log_ratio": log_ratio.detach()}
+    return pg_losses, parts
+
+
+def _pg_metrics(parts: dict[str, torch.Tensor], mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {"actor/pg_clipfrac": masked_mean(parts["clipped"].float(), mask),
+            "actor/pg_clipfrac_lower": masked_mean(parts["dual"].float(), mask),
+            "actor/ppo_kl": masked_mean(-parts["log_ratio"], mask)}
+
+
+def policy_shaping(probs: torch.Tensor, gamma: float = 0.1) -> torch.Tensor:
+    """LUFFY's policy shaping f(x) = x / (x + gamma) (LUFFY, Yan et al. 2025, arXiv 2504.14945;
+    official ``off_policy_reshape=p_div_p_0.1``).
+
+    d f / d log x = x gamma / (x + gamma)^2: unlike the plain importance weight x (gradient x), tokens to which the
+    policy gives low probability keep a large gradient, so the expert's rare tokens are learnt.
+    """
+    return probs / (probs + gamma)
+
+
+def compute_luffy_policy_loss(
+    old_log_probs: torch.Tensor,
+    log_probs: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    expert_mask: torch.Tensor,
+    shaping_gamma: float = 0.1,
+    remove_clip: bool = True,
+    clip_ratio_low: float = 0.2,
+    clip_ratio_high: float = 0.28,
+    clip_ratio_dual: float = 3.0,
+    loss_agg_mode: str = "token-mean",
+    num_global_tokens: float | torch.Tensor | None = None,
+    num_global_seqs: float | torch.Tensor | None = None,
+    dp_size: int = 1,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """LUFFY's mixed on/off-policy loss (official ``compute_token_on_off_policy_loss``), all inputs [B, L].
+
+    On expert tokens (``expert_mask``): -A f(pi_theta(y_t)) with f(x) = x / (x + shaping_gamma), pi_expert taken
+    as 1, no old log-prob, no clip. On the policy's own tokens: the PPO term of :func:`compute_policy_loss`, or,
+    with ``remove_clip`` (the official script's ``loss_remove_clip=True``), -A r with r = pi_theta / pi_old.
+    One aggregation over all response tokens (``loss_agg_mode``), like the official single masked mean.
+
+    Returns:
+        (loss, metrics) with the metrics of :func:`compute_policy_loss` over on-policy tokens, plus
+        ``luffy/off_prob`` (mean pi_theta on expert tokens) and ``luffy/off_pg_loss`` (mean expert-token loss).
+    """
+    _check_same_shape(old_log_probs=old_log_probs, log_probs=log_probs, advantages=advantages,
+                      response_mask=response_mask, expert_mask=expert_mask)
+    expert = expert_mask.bool() & response_mask.bool()  # [B, L]
+    on_pg, parts = _clipped_pg_losses(old_log_probs, log_probs, advantages, clip_ratio_low, clip_ratio_high,
+                                      clip_ratio_dual, remove_clip)
+    probs = torch.exp(log_probs)
+    off_pg = -advantages * policy_shaping(probs, shaping_gamma)  # [B, L]
+    pg_losses = torch.where(expert, off_pg, on_pg)
     loss = agg_loss(pg_losses, response_mask, loss_agg_mode, num_global_tokens, num_global_seqs, dp_size)
+    on_mask = response_mask.bool() & ~expert
+    metrics = _pg_metrics(parts, on_mask)
     with torch.no_grad():
-        metrics = {
-            "actor/pg_clipfrac": masked_mean((pg_clipped > pg_unclipped).float(), response_mask),
-            "actor/pg_clipfrac_lower": masked_mean(((pg > pg_dual) & negative).float(), response_mask),
-            "actor/ppo_kl": masked_mean(-log_ratio, response_mask),
-        }
+        metrics["luffy/off_prob"] = masked_mean(probs.detach(), expert)
+        metrics["luffy/off_pg_loss"] = masked_mean(off_pg.detach(), expert)
     return loss, metrics
 
 

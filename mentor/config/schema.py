@@ -33,6 +33,10 @@ class DataConfig:
     """Row key holding the question."""
     answer_key: str = "answer"
     """Row key holding the gold answer (passed to the reward as ``ground_truth``)."""
+    solution_key: str = "solution"
+    """Row key holding the expert solution (LUFFY's expert trajectory, QuestA's hint): a string or chat messages
+    (the last message's content). Real data: ``solution`` (MATH) or ``target`` (LUFFY's OpenR1 parquet); the tiny
+    task writes ``solution``. Required only when ``algorithm.adv_estimator=luffy`` or ``algorithm.questa.enable``."""
     data_source_key: str = "data_source"
     """Row key naming the data source (validation metrics are split by it); rows without it use the file name."""
     format_prompt: Optional[str] = None
@@ -57,10 +61,18 @@ class DataConfig:
 
 @dataclass
 class GammaConfig:
+    preset: str = "measured"
+    """``measured`` (ours): source=measured, no floor. ``paper`` (official code): source=paper, initial=999 (no
+    guidance at step 1), floor=1.5. ``custom``: ``source``/``initial``/``floor`` as set below. A preset fixes those
+    three keys; setting one of them to another value is an error (use ``custom``). See mentor/algos/gamma.py."""
+    rows: str = "on_policy"
+    """Rows whose response-token entropies gamma_p is measured over: ``on_policy`` (official: mixed rows masked
+    out) or ``all`` (mixed rows included). Expert trajectories (LUFFY) never count."""
     percentile: float = 0.95
     """p of gamma_p: the p-quantile of the policy's token entropies over response tokens (0 < p < 1)."""
     floor: Optional[float] = None
-    """Lower bound on gamma_p (the official code uses 1.5); None = no floor."""
+    """Lower bound on gamma_p (the official code uses 1.5); None = no floor. Every measured gamma is also at least
+    ``mentor.algos.gamma.GAMMA_MIN`` = 1e-6 nats (a quantile of exactly 0 would make w = H / 0 undefined)."""
     source: str = "measured"
     """``measured``: quantile of the most recent batch the actor scored (step 1: this step's on-policy rollouts,
     scored before the mixed ones are drawn). ``paper``: as measured, but gamma = ``initial`` (999) at step 1.
@@ -78,7 +90,12 @@ class MentorConfig:
     alpha_schedule: str = "cosine"
     """``cosine`` | ``linear`` | ``constant`` decay of alpha from ``alpha0`` to 0 over ``alpha_steps``."""
     alpha_steps: int = 120
-    """T: steps over which alpha decays; once alpha = 0 mixed rollouts stop."""
+    """T: steps over which alpha decays; once alpha = 0 mixed rollouts stop. Step s uses alpha(s - 1), so step 1 has
+    alpha = alpha0 (the official code uses alpha(s): one step earlier on the same curve)."""
+    after_alpha_zero: str = "keep"
+    """Rollouts per prompt once alpha = 0 and mixed rollouts stop. ``keep`` (official): the group keeps its
+    ``worker.rollout.n`` on-policy rollouts, so the budget falls from n + n_mix to n. ``refill``: draw
+    n + n_mix on-policy rollouts instead, so the budget per prompt stays the same across the switch."""
     reward_range: Optional[float] = None
     """R_range of Eq. 11 (fixed reward span); None = max - min of the reward (1.0 for the math reward)."""
     gamma: GammaConfig = field(default_factory=GammaConfig)
@@ -88,13 +105,45 @@ class MentorConfig:
 
 
 @dataclass
+class LuffyConfig:
+    shaping_gamma: float = 0.1
+    """c of the policy shaping f(x) = x / (x + c) on expert tokens (official ``off_policy_reshape=p_div_p_0.1``)."""
+    remove_clip: bool = True
+    """On-policy tokens: True = -A r without clip (official ``loss_remove_clip=True``); False = the clipped PPO
+    term with ``worker.actor.clip_ratio_*``."""
+
+
+@dataclass
+class QuestaConfig:
+    enable: bool = False
+    """Augment training prompts with the first p% of the expert solution (``data.solution_key``) under
+    "## Hint: Partial Solution" (QuestA, arXiv 2507.13266). Validation prompts are never hinted."""
+    hint_ratio: float = 0.5
+    """p of the first stage (QuestA: 50%)."""
+    final_ratio: float = 0.25
+    """p of the second stage (QuestA: 25%); the end point of ``linear``."""
+    schedule: str = "two_stage"
+    """``constant`` (hint_ratio always) | ``two_stage`` (hint_ratio up to switch_step, then final_ratio) |
+    ``linear`` (hint_ratio -> final_ratio over steps 1..switch_step)."""
+    switch_step: Optional[int] = None
+    """Last step of the first stage / of the linear ramp; None = half of the run's training steps."""
+    min_hint_chars: int = 0
+    """A hint shorter than this many characters is left out (the official data script uses 10)."""
+
+
+@dataclass
 class AlgorithmConfig:
     adv_estimator: str = "mixed_grpo"
-    """Advantage estimator: ``grpo`` (on-policy) or ``mixed_grpo`` (MENTOR, Eq. 10-11)."""
+    """Advantage estimator: ``grpo`` (on-policy), ``mixed_grpo`` (MENTOR, Eq. 10-11) or ``luffy`` (one of the n
+    rollouts per prompt is the expert solution; A = R - group mean; shaped loss on expert tokens)."""
     norm_eps: float = 1e-6
     """epsilon in (R - mean) / (std + eps)."""
     mentor: MentorConfig = field(default_factory=MentorConfig)
     """MENTOR settings; used when ``adv_estimator=mixed_grpo``."""
+    luffy: LuffyConfig = field(default_factory=LuffyConfig)
+    """LUFFY settings; used when ``adv_estimator=luffy``."""
+    questa: QuestaConfig = field(default_factory=QuestaConfig)
+    """QuestA prompt hints; a data mode that works with any estimator (the paper's baseline: ``grpo``)."""
 
 
 @dataclass
@@ -213,7 +262,9 @@ class RolloutConfig:
     name: str = "hf"
     """Engine: ``hf`` (torch, KV cache; the reference) or ``vllm``."""
     n: int = 4
-    """On-policy samples per prompt (N_on); >= 2 for group-normalised advantages."""
+    """Rollouts per prompt drawn from the policy (N_on; official MENTOR run: 8, plus ``algorithm.mentor.n_mix``
+    mixed); >= 2 for group-normalised advantages. With ``adv_estimator=luffy`` the group has n rollouts of which one
+    is the expert solution (n - 1 sampled)."""
     temperature: float = 1.0
     """Sampling temperature (applied to policy and expert logits alike)."""
     top_p: float = 1.0

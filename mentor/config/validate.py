@@ -156,8 +156,8 @@ def _require(ok: bool, key: str, msg: str) -> None:
 def _check_values(c: MentorRunConfig) -> None:
     d, a, act, ro, t = c.data, c.algorithm, c.worker.actor, c.worker.rollout, c.trainer
     mixed = a.adv_estimator == "mixed_grpo"
-    _require(a.adv_estimator in ("grpo", "mixed_grpo"), "algorithm.adv_estimator",
-             f"{a.adv_estimator!r} is not one of 'grpo', 'mixed_grpo'")
+    _require(a.adv_estimator in ("grpo", "mixed_grpo", "luffy"), "algorithm.adv_estimator",
+             f"{a.adv_estimator!r} is not one of 'grpo', 'mixed_grpo', 'luffy'")
     _require(d.rollout_batch_size >= 1, "data.rollout_batch_size", "must be >= 1")
     _require(d.max_prompt_length >= 1, "data.max_prompt_length", "must be >= 1")
     _require(d.max_response_length >= 1, "data.max_response_length", "must be >= 1")
@@ -192,6 +192,7 @@ def _check_values(c: MentorRunConfig) -> None:
         _require(m.n_mix >= 1, "algorithm.mentor.n_mix", "mixed_grpo needs >= 1 mixed rollout per prompt")
         _require(bool(ro.expert.model_path), "worker.rollout.expert.model_path",
                  "mixed_grpo needs an expert model (set it, or use algorithm.adv_estimator=grpo)")
+    _check_guidance(c)
     _check_batch_sizes(c, m.n_mix if mixed else 0)
     _require(t.nnodes >= 1 and t.n_gpus_per_node >= 1, "trainer.n_gpus_per_node", "nnodes and ranks must be >= 1")
     _require(t.device in ("auto", "cpu", "cuda"), "trainer.device", f"{t.device!r} is not auto, cpu or cuda")
@@ -206,6 +207,34 @@ def _check_values(c: MentorRunConfig) -> None:
              f"is {ro.vllm.gpu_memory_utilization}; must be in (0, 1]")
     _require(t.use_ray or t.nnodes == 1, "trainer.nnodes",
              f"is {t.nnodes} but trainer.use_ray=false runs one in-process rank; set trainer.nnodes=1 or use Ray")
+
+
+def _check_guidance(c: MentorRunConfig) -> None:
+    """MENTOR's gamma / after-alpha-zero options, LUFFY and QuestA; resolves ``gamma.preset`` in place."""
+    from mentor.algos.gamma import GAMMA_ROWS, resolve_gamma_preset
+    from mentor.algos.schedules import HINT_SCHEDULES
+    from mentor.config.schema import GammaConfig
+
+    a, m = c.algorithm, c.algorithm.mentor
+    try:
+        resolve_gamma_preset(m.gamma, GammaConfig())
+    except ValueError as err:
+        raise ConfigError(f"config key `algorithm.mentor.gamma.preset`: {err}") from err
+    _require(m.gamma.rows in GAMMA_ROWS, "algorithm.mentor.gamma.rows",
+             f"{m.gamma.rows!r} is not one of {', '.join(GAMMA_ROWS)}")
+    _require(m.gamma.floor is None or m.gamma.floor > 0, "algorithm.mentor.gamma.floor", "must be > 0 or null")
+    _require(m.after_alpha_zero in ("keep", "refill"), "algorithm.mentor.after_alpha_zero",
+             f"{m.after_alpha_zero!r} is not one of keep, refill")
+    _require(a.luffy.shaping_gamma > 0, "algorithm.luffy.shaping_gamma", "must be > 0")
+    q = a.questa
+    _require(0 <= q.hint_ratio <= 1, "algorithm.questa.hint_ratio", f"is {q.hint_ratio}; must be in [0, 1]")
+    _require(0 <= q.final_ratio <= 1, "algorithm.questa.final_ratio", f"is {q.final_ratio}; must be in [0, 1]")
+    _require(q.schedule in HINT_SCHEDULES, "algorithm.questa.schedule",
+             f"{q.schedule!r} is not one of {', '.join(HINT_SCHEDULES)}")
+    _require(q.switch_step is None or q.switch_step >= 1, "algorithm.questa.switch_step", "must be >= 1 or null")
+    _require(q.min_hint_chars >= 0, "algorithm.questa.min_hint_chars", "must be >= 0")
+    _require(bool(c.data.solution_key) or not (a.adv_estimator == "luffy" or q.enable), "data.solution_key",
+             "LUFFY and QuestA need the row key of the expert solution")
 
 
 def _check_batch_sizes(c: MentorRunConfig, n_mix: int) -> None:

@@ -30,7 +30,8 @@ class PromptItem:
 
     Fields: ``prompt_ids`` (list[int], length <= max_prompt_length), ``prompt_text`` (rendered chat text),
     ``ground_truth`` (str), ``data_source`` (str), ``uid`` (stable id ``<source file>:<row>``), ``extra`` (the
-    remaining row fields, passed to rewards as ``extra_info``).
+    remaining row fields, passed to rewards as ``extra_info``), ``question`` (the raw question), ``solution`` (the
+    expert solution text from ``data.solution_key``, used by LUFFY and QuestA; None when the row has none).
     """
 
     prompt_ids: list[int]
@@ -39,6 +40,8 @@ class PromptItem:
     data_source: str
     uid: str
     extra: dict[str, Any] = field(default_factory=dict)
+    question: str = ""
+    solution: str | None = None
 
 
 def _read_jsonl(path: str) -> Iterator[tuple[str, Any]]:
@@ -122,6 +125,24 @@ def _text_field(row: Any, key: str, where: str, allow_numbers: bool) -> str:
     return value
 
 
+def _solution_field(row: dict, key: str, where: str, required: bool) -> str | None:
+    """The expert solution: a string, or (LUFFY's ``target`` column) a list of chat messages / one message dict,
+    whose last ``content`` is taken."""
+    value = row.get(key)
+    if isinstance(value, dict):
+        value = value.get("content")
+    elif isinstance(value, list) and value:
+        last = value[-1]
+        value = last.get("content") if isinstance(last, dict) else last
+    if isinstance(value, str) and value.strip():
+        return value
+    if required:
+        got = "missing" if key not in row else f"{type(row[key]).__name__} {str(row[key])[:40]!r}"
+        raise DataError(f"{where}: key {key!r} must hold the expert solution (a non-empty string or chat messages), "
+                        f"got {got}; set data.solution_key (LUFFY and QuestA need it)")
+    return None
+
+
 class RLDataset(torch.utils.data.Dataset):
     """Prompts of one split, tokenized and filtered at construction.
 
@@ -132,7 +153,8 @@ class RLDataset(torch.utils.data.Dataset):
     def __init__(self, data_files: str, tokenizer: Any, prompt_key: str = "problem", answer_key: str = "answer",
                  data_source_key: str = "data_source", format_prompt: str | None = None,
                  system_prompt: str | None = None, max_prompt_length: int = 512,
-                 filter_overlong_prompts: bool = True, max_samples: int = -1) -> None:
+                 filter_overlong_prompts: bool = True, max_samples: int = -1, solution_key: str | None = None,
+                 require_solution: bool = False) -> None:
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt
         self.template = _load_template(format_prompt) if format_prompt else None
@@ -142,8 +164,8 @@ class RLDataset(torch.utils.data.Dataset):
             where = f"{source}: {pos}"
             question = _text_field(row, prompt_key, where, allow_numbers=False)
             answer = _text_field(row, answer_key, where, allow_numbers=True)
-            text = self.render(question)
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            solution = _solution_field(row, solution_key, where, require_solution) if solution_key else None
+            text, ids = self.encode(question)
             if len(ids) > max_prompt_length:
                 if not filter_overlong_prompts:
                     raise DataError(f"{where}: prompt has {len(ids)} tokens > data.max_prompt_length="
@@ -152,7 +174,8 @@ class RLDataset(torch.utils.data.Dataset):
                 continue
             data_source = row.get(data_source_key) or Path(source.split(":")[0]).stem
             extra = {k: v for k, v in row.items() if k not in (prompt_key, answer_key)}
-            self.items.append(PromptItem(ids, text, answer, str(data_source), f"{source}:{pos}", extra))
+            self.items.append(PromptItem(ids, text, answer, str(data_source), f"{source}:{pos}", extra,
+                                         question=question, solution=solution))
             if 0 < max_samples <= len(self.items):
                 break
         if not self.items:
@@ -171,6 +194,11 @@ class RLDataset(torch.utils.data.Dataset):
         if getattr(self.tokenizer, "chat_template", None):
             return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return "\n".join(m["content"] for m in messages) + "\n"
+
+    def encode(self, question: str) -> tuple[str, list[int]]:
+        """Question -> (chat text, prompt token ids)."""
+        text = self.render(question)
+        return text, self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def __len__(self) -> int:
         return len(self.items)

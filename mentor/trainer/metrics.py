@@ -42,7 +42,8 @@ def reasoning_word_rates(texts: list[str], words: list[str]) -> dict[str, float]
 
 
 def rollout_metrics(batch: Batch, tokenizer: Any, reasoning_words: list[str]) -> dict[str, float]:
-    """Reward, length, entropy and reasoning-word metrics of one step's rollouts, split on-policy / mixed."""
+    """Reward, length, entropy and reasoning-word metrics of one step's rollouts, split on-policy / mixed / expert
+    (LUFFY's expert trajectories, ``is_expert``)."""
     mask = batch["response_mask"]
     lengths = mask.sum(-1).float()
     max_len = mask.shape[1]
@@ -57,8 +58,10 @@ def rollout_metrics(batch: Batch, tokenizer: Any, reasoning_words: list[str]) ->
     }
     for key in ("overall", "accuracy", "format"):
         m[f"reward/{key}"] = float(batch[f"reward_{key}"].mean())
-    for name, rows in (("on", ~mixed), ("mix", mixed)):
+    expert = batch["is_expert"] if "is_expert" in batch else torch.zeros_like(mixed)
+    for name, rows in (("on", ~mixed & ~expert), ("mix", mixed), ("expert", expert)):
         if bool(rows.any()):
+            m[f"critic/advantages_mean_{name}"] = float(masked_mean(batch["advantages"][rows], mask[rows]))
             m[f"reward/accuracy_{name}"] = float(batch["reward_accuracy"][rows].mean())
             m[f"reward/overall_{name}"] = float(batch["reward_overall"][rows].mean())
             m[f"response_length/mean_{name}"] = float(lengths[rows].mean())

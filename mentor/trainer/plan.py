@@ -57,9 +57,12 @@ def build_plan(c: MentorRunConfig, train_rows: int | None, policy: ModelShape | 
     }}
     plan["batch"] = {
         "prompts / step": d.rollout_batch_size,
-        "responses / prompt": f"{ro.n} on-policy" + (f" + {n_mix} mixed (while alpha > 0)" if n_mix else ""),
+        "responses / prompt": (f"{ro.n - 1} on-policy + 1 expert solution (LUFFY)"
+                               if c.algorithm.adv_estimator == "luffy" else
+                               f"{ro.n} on-policy" + (f" + {n_mix} mixed (while alpha > 0)" if n_mix else "")),
         "responses / step": f"{rows} ({rows // world} per rank)" + (
-            f"; {d.rollout_batch_size * ro.n} once alpha = 0" if n_mix else ""),
+            f"; {d.rollout_batch_size * ro.n if m.after_alpha_zero == 'keep' else rows} once alpha = 0 "
+            f"(after_alpha_zero={m.after_alpha_zero})" if n_mix else ""),
         "optimizer steps / step": f"{dv.optimizer_updates_per_step} ({minis} mini-batches of {act.global_batch_size} prompts "
                                   f"= {mini_rows} responses, {mini_rows // world} per rank, x {act.ppo_epochs} PPO epoch(s))",
         "micro-batches": micro,
@@ -90,7 +93,8 @@ def _schedule(c: MentorRunConfig, train_rows: int | None, mixed: bool) -> dict[s
                     None)
         out["alpha"] = (f"{m.alpha0} -> 0 ({m.alpha_schedule} over {m.alpha_steps} steps); mixed rollouts on steps "
                         f"1..{last - 1}" if last else f"{m.alpha0} ({m.alpha_schedule}); mixed rollouts on every step")
-        out["gamma_p"] = f"p = {m.gamma.percentile}, source = {m.gamma.source}, floor = {m.gamma.floor}"
+        out["gamma_p"] = (f"preset = {m.gamma.preset}: p = {m.gamma.percentile}, source = {m.gamma.source}, "
+                          f"floor = {m.gamma.floor}, rows = {m.gamma.rows}")
     out["validation"] = (f"every {t.val_freq} steps" if t.val_freq > 0 else "never") + \
         (" and before training" if t.val_before_train else "") + f"; {d.val_files}"
     out["checkpoints"] = f"every {t.save_freq} steps, keep {t.save_limit}" if t.save_freq > 0 else "none"

@@ -5,6 +5,11 @@ if alpha > 0, draw N_mix mixed-policy rollouts (speculative, exact) with the ent
 score old log-probs and entropies with the actor (gamma_p for the next step comes from these entropies);
 compute advantages (``grpo`` or ``mixed_grpo``); one PPO update over all responses; log; validate.
 
+The paper's baselines run in the same loop: ``luffy`` (the group is N_on - 1 on-policy rollouts + the prompt's
+expert solution; A = R - group mean; shaped loss on expert tokens, in the actor) and QuestA
+(``algorithm.questa.enable``: training prompts carry a hint, the first p% of the expert solution; validation
+never does).
+
 Shapes: P prompts per step, N_on + N_mix responses per prompt, B = P (N_on + N_mix) rows, Lp/Lr prompt/response.
 """
 
@@ -24,6 +29,7 @@ from tqdm import tqdm
 from mentor.config.schema import MentorRunConfig
 from mentor.config.validate import to_yaml
 from mentor.data.dataset import ResumableSampler, RLDataset
+from mentor.data.questa import hinted_items
 from mentor.models.loader import load_tokenizer
 from mentor.protocol import Batch
 from mentor.rewards.pool import RewardPool
@@ -54,11 +60,16 @@ class RayTrainer:
         kw = dict(prompt_key=d.prompt_key, answer_key=d.answer_key, data_source_key=d.data_source_key,
                   format_prompt=d.format_prompt, system_prompt=d.system_prompt, max_prompt_length=d.max_prompt_length,
                   filter_overlong_prompts=d.filter_overlong_prompts)
-        self.train_set = RLDataset(d.train_files, self.tokenizer, **kw)
+        a = c.algorithm
+        self.luffy = a.adv_estimator == "luffy"
+        self.questa = a.questa.enable
+        self.train_set = RLDataset(d.train_files, self.tokenizer, solution_key=d.solution_key,
+                                   require_solution=self.luffy or self.questa, **kw)
         self.val_set = RLDataset(d.val_files, self.tokenizer, max_samples=d.max_val_samples, **kw)
         self.sampler = ResumableSampler(len(self.train_set), d.rollout_batch_size, d.shuffle, d.seed)
         steps = self.sampler.batches_per_epoch * c.trainer.total_epochs
         self.total_steps = min(steps, c.trainer.max_steps) if c.trainer.max_steps else steps
+        self.questa_switch = a.questa.switch_step or max(self.total_steps // 2, 1)
         rw = c.worker.reward
         self.reward_pool = RewardPool(rw.reward_function, num_workers=rw.num_workers, timeout_s=rw.timeout_s,
                                       **rw.reward_kwargs)
@@ -177,12 +188,15 @@ class RayTrainer:
         c, m = self.config, self.config.algorithm.mentor
         metrics: dict[str, Any] = {}
         with timer("step", metrics):
-            prompts = self.sample_prompts()  # [P]
+            prompts = self.sample_prompts(step, metrics)  # [P]
+            alpha = self.alpha(step)
             with timer("sync_weights", metrics):
                 self.wg.sync_rollout_weights()
             with timer("gen", metrics):
-                batch = self.generate(prompts, c.worker.rollout.n, "on", step, metrics)  # [P*N_on, ...]
-            alpha = self.alpha(step)
+                batch = self.generate(prompts, self.n_on_policy(alpha), "on", step, metrics)  # [P*N_on, ...]
+            if self.luffy:  # one of the n rollouts per prompt is the expert's solution
+                expert = self.generate(prompts, 1, "expert", step, metrics)  # [P, ...]
+                batch = self.group_by_prompt(Batch.concat([batch, expert]))  # [P*n, ...]
             if self.mentor and alpha > 0:
                 with timer("gen_mixed", metrics):
                     gamma = self.gamma_for_step(batch, step)
@@ -212,10 +226,26 @@ class RayTrainer:
 
     # ---- phases --------------------------------------------------------------------------------------------
 
-    def sample_prompts(self) -> Batch:
-        """The next P prompts: non-tensors ``prompt_ids``, ``ground_truth``, ``data_source``, ``uid``."""
+    def n_on_policy(self, alpha: float) -> int:
+        c, m = self.config, self.config.algorithm.mentor
+        return algos.rollouts_per_prompt(c.worker.rollout.n, m.n_mix, c.algorithm.adv_estimator, alpha,
+                                   m.after_alpha_zero).on_policy
+
+    def sample_prompts(self, step: int = 1, metrics: dict[str, Any] | None = None) -> Batch:
+        """The next P prompts: non-tensors ``prompt_ids``, ``ground_truth``, ``data_source``, ``uid`` (and
+        ``solution_ids`` for LUFFY). With QuestA the prompts carry this step's hint."""
         items = [self.train_set[i] for i in self.sampler.next_batch()]
-        return _prompt_batch(items)
+        if self.questa:
+            q = self.config.algorithm.questa
+            ratio = algos.hint_ratio_schedule(step, q.hint_ratio, q.final_ratio, self.questa_switch, q.schedule)
+            items, stats = hinted_items(items, ratio, self.train_set.encode, self.config.data.max_prompt_length,
+                                        q.min_hint_chars)
+            if metrics is not None:
+                metrics.update(stats)
+        batch = _prompt_batch(items)
+        if self.luffy:
+            batch["solution_ids"] = [self.tokenizer(i.solution, add_special_tokens=False)["input_ids"] for i in items]
+        return batch
 
     def generate(self, prompts: Batch, n: int, phase: str, step: int, metrics: dict | None = None,
                  gamma: float | None = None, temperature: float | None = None) -> Batch:
@@ -237,6 +267,7 @@ class RayTrainer:
         base.meta.clear()
         out = base.union(out)
         out["is_mixed"] = torch.full((len(out),), phase == "mixed", dtype=torch.bool)
+        out["is_expert"] = torch.full((len(out),), phase == "expert", dtype=torch.bool)
         return out
 
     @staticmethod
@@ -248,6 +279,8 @@ class RayTrainer:
         return batch.index(order)
 
     def alpha(self, step: int) -> float:
+        """alpha of training step ``step`` (1-based) = schedule(step - 1): step 1 has alpha0. The official code uses
+        schedule(step), one step earlier on the same curve (README, deviations)."""
         m = self.config.algorithm.mentor
         return algos.alpha_schedule(step - 1, m.alpha0, m.alpha_steps, m.alpha_schedule)
 
@@ -261,9 +294,10 @@ class RayTrainer:
         return self.gamma
 
     def update_gamma(self, scored: Batch) -> None:
+        """gamma_p from the entropies of ``scored`` (rows per ``gamma.rows``; >= GAMMA_MIN, see algos/gamma.py)."""
         g = self.config.algorithm.mentor.gamma
-        q = float(algos.masked_quantile(scored["entropies"], scored["response_mask"], g.percentile))
-        self.gamma = max(q, g.floor) if g.floor is not None else q
+        self.gamma = algos.measure_gamma(scored["entropies"], scored["response_mask"], scored["is_mixed"],
+                                         g.percentile, g.floor, g.rows, scored["is_expert"])
 
     def compute_rewards(self, batch: Batch, metrics: dict[str, Any]) -> None:
         """Scores from the reward pool, placed on each response's last token: ``token_level_scores`` [B, Lr]."""
@@ -288,6 +322,8 @@ class RayTrainer:
         if self.mentor and bool(batch["is_mixed"].any()):
             adv, ret = algos.compute_mixed_grpo_advantage(
                 rewards, mask, index, batch["is_mixed"], alpha, self.reward_range, c.algorithm.norm_eps)
+        elif self.luffy:
+            adv, ret = algos.compute_luffy_advantage(rewards, mask, index)
         else:
             adv, ret = algos.compute_grpo_outcome_advantage(rewards, mask, index, c.algorithm.norm_eps)
         batch["advantages"], batch["returns"] = adv, ret
@@ -364,6 +400,8 @@ def _response_ids(batch: Batch) -> list[list[int]]:
 def _engine_metrics(stats: dict[str, list[float]], phase: str) -> dict[str, float]:
     """Engine stat sums (one value per rank) -> rates."""
     total = {k: float(sum(v)) if isinstance(v, list) else float(v) for k, v in stats.items()}
+    if phase == "expert":  # expert solutions cut at data.max_response_length (no eos, usually no reward)
+        return {"luffy/expert_rows_cut": total.get("rows_cut", 0.0)}
     if phase != "mixed":
         return {}
     tokens = max(total.get("tokens_emitted", 0.0), 1.0)

@@ -18,10 +18,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from mentor.config.schema import ActorConfig
+from mentor.config.schema import ActorConfig, LuffyConfig
 from mentor.protocol import Batch
-from mentor.algos import (agg_loss, compute_policy_loss, entropy_from_logits, kl_penalty,
-                                       log_probs_from_logits, masked_mean)
+from mentor.algos import (agg_loss, compute_luffy_policy_loss, compute_policy_loss, entropy_from_logits, kl_penalty,
+                          log_probs_from_logits, masked_mean)
 
 logger = logging.getLogger(__name__)
 
@@ -94,12 +94,14 @@ def _unflatten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 class Actor:
     """PPO actor over ``model`` (HF causal LM, FSDP2-wrapped or plain).
 
-    ``optimizer``/``lr_scheduler`` may be None for a scoring-only model (reference).
+    ``optimizer``/``lr_scheduler`` may be None for a scoring-only model (reference). ``luffy``: use LUFFY's loss
+    (shaped, unclipped on rows with ``is_expert``; see :func:`mentor.algos.compute_luffy_policy_loss`).
     """
 
     def __init__(self, model: torch.nn.Module, config: ActorConfig, optimizer: torch.optim.Optimizer | None = None,
-                 lr_scheduler: Any = None, world_size: int = 1) -> None:
+                 lr_scheduler: Any = None, world_size: int = 1, luffy: LuffyConfig | None = None) -> None:
         self.model, self.config = model, config
+        self.luffy = luffy
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.world_size = world_size
         self.skipped_steps = 0
@@ -215,9 +217,16 @@ class Actor:
         need_entropy = c.entropy_coef != 0
         log_probs, entropy = self._forward(mb, temperature, with_entropy=need_entropy)
         norm = dict(num_global_tokens=n_tokens, num_global_seqs=n_seqs, dp_size=self.world_size)
-        loss, metrics = compute_policy_loss(
-            mb["old_log_probs"], log_probs, mb["advantages"], mask, c.clip_ratio_low, c.clip_ratio_high,
-            c.clip_ratio_dual, c.loss_agg_mode, **norm)
+        if self.luffy is not None:
+            expert_mask = mb["is_expert"].bool().unsqueeze(-1).expand_as(mask)  # [b, Lr]
+            loss, metrics = compute_luffy_policy_loss(
+                mb["old_log_probs"], log_probs, mb["advantages"], mask, expert_mask, self.luffy.shaping_gamma,
+                self.luffy.remove_clip, c.clip_ratio_low, c.clip_ratio_high, c.clip_ratio_dual, c.loss_agg_mode,
+                **norm)
+        else:
+            loss, metrics = compute_policy_loss(
+                mb["old_log_probs"], log_probs, mb["advantages"], mask, c.clip_ratio_low, c.clip_ratio_high,
+                c.clip_ratio_dual, c.loss_agg_mode, **norm)
         if need_entropy:
             ent_loss = agg_loss(entropy, mask, c.loss_agg_mode, **norm)
             loss = loss - c.entropy_coef * ent_loss

@@ -24,11 +24,11 @@ from mentor.single_controller import Dispatch, Worker, register
 from mentor.utils.checkpoint import load_worker_checkpoint, save_worker_checkpoint
 from mentor.workers.actor import Actor
 from mentor.workers.offload import OptimizerOffload, fsdp_offload_kwargs, place_buffers
-from mentor.workers.rollout.base import SamplingParams, build_sequences, positions_from_mask
+from mentor.workers.rollout.base import SamplingParams, build_sequences, fixed_rollout, positions_from_mask
 
 logger = logging.getLogger(__name__)
 
-PHASES = {"on": 1, "mixed": 2, "val_greedy": 3, "val_sample": 4}
+PHASES = {"on": 1, "mixed": 2, "val_greedy": 3, "val_sample": 4, "expert": 5}
 
 
 def sampling_seed(base: int, step: int, rank: int, phase: str) -> int:
@@ -128,7 +128,8 @@ class FSDPWorker(Worker):
         # offload_params puts the optimizer on the CPU already (FSDP's CPUOffloadPolicy)
         self.optimizer_offload = OptimizerOffload(self.optimizer, self.dev,
                                                   enabled=act.fsdp.offload_optimizer and not act.fsdp.offload_params)
-        self.actor = Actor(self.model, act, self.optimizer, self.lr_scheduler, self.world_size)
+        luffy = c.algorithm.luffy if c.algorithm.adv_estimator == "luffy" else None
+        self.actor = Actor(self.model, act, self.optimizer, self.lr_scheduler, self.world_size, luffy=luffy)
         self._init_rollout()
         self.ref = None
         if c.derived.use_reference:
@@ -242,9 +243,11 @@ class FSDPWorker(Worker):
     def generate(self, batch: Batch) -> Batch:
         """Sample one response per row of ``batch`` (non-tensor ``prompt_ids``).
 
-        meta: ``phase`` (on | mixed | val_greedy | val_sample), ``step``, ``temperature``, ``top_p``, ``top_k``,
-        and for ``mixed`` the entropy threshold ``gamma``. Returns the sequence tensors at fixed widths
-        (data.max_prompt_length, data.max_response_length) and ``meta["metrics"]`` = the engine's stat sums.
+        meta: ``phase`` (on | mixed | val_greedy | val_sample | expert), ``step``, ``temperature``, ``top_p``,
+        ``top_k``, and for ``mixed`` the entropy threshold ``gamma``. ``expert`` samples nothing: the rows'
+        ``solution_ids`` (LUFFY's expert trajectories) become the responses, eos appended. Returns the sequence
+        tensors at fixed widths (data.max_prompt_length, data.max_response_length) and ``meta["metrics"]`` = the
+        engine's stat sums.
         """
         c, meta = self.config, batch.meta
         prompts = [list(map(int, p)) for p in batch["prompt_ids"]]
@@ -253,6 +256,12 @@ class FSDPWorker(Worker):
         gen = torch.Generator(device=self.dev).manual_seed(
             sampling_seed(c.worker.rollout.seed, meta["step"], self.rank, meta["phase"]))
         engine = self.mixed_engine if meta["phase"] == "mixed" else self.engine
+        if meta["phase"] == "expert":
+            eos = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else self.eos_ids[0]
+            out = fixed_rollout(batch["solution_ids"], eos, self.pad_id, c.data.max_response_length)
+            seqs = pad_to_width(build_sequences(prompts, out, self.pad_id), c.data.max_prompt_length,
+                                c.data.max_response_length, self.pad_id)
+            return Batch(tensors={k: v.cpu() for k, v in seqs.items()}, meta={"metrics": dict(out.stats)})
         if meta["phase"] == "mixed":
             out = engine.generate(prompts, params, gen, gamma=meta["gamma"], k=c.worker.rollout.spec_k)
         else:

@@ -21,6 +21,7 @@ __all__ = [
     "build_sequences",
     "check_prompts",
     "concat_outputs",
+    "fixed_rollout",
     "left_pad",
 ]
 
@@ -135,3 +136,20 @@ def concat_outputs(outputs: list[RolloutOutput], pad_id: int) -> RolloutOutput:
         empty = torch.zeros((0, 0), dtype=torch.long)
         return RolloutOutput(empty, empty.clone(), stats)
     return RolloutOutput(torch.cat(responses), torch.cat(masks), stats)
+
+
+def fixed_rollout(response_ids: list[list[int]], eos_token_id: int, pad_id: int, max_new_tokens: int) -> RolloutOutput:
+    """Given responses (LUFFY's expert solutions) in the engine output format: each row's ids + eos, cut to
+    ``max_new_tokens`` (a cut row has no eos, like a sampled response that hit the cap). No sampling.
+
+    Returns RolloutOutput with responses/response_mask [B, Lr] and ``stats`` {"tokens_emitted", "rows_cut"}.
+    """
+    rows = [(list(map(int, r)) + [int(eos_token_id)])[:max_new_tokens] for r in response_ids]
+    cut = sum(len(r) + 1 > max_new_tokens for r in response_ids)
+    width = max((len(r) for r in rows), default=0)
+    responses = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        responses[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, :len(r)] = 1
+    return RolloutOutput(responses, mask, {"tokens_emitted": float(mask.sum()), "rows_cut": float(cut)})

@@ -61,7 +61,8 @@ def _check_gamma(gamma: float | Tensor) -> None:
     if torch.isnan(g).any() or (g <= 0).any():
         raise ValueError(
             f"gamma (the entropy threshold gamma_p, nats) must be > 0, got {gamma!r}; "
-            "use float('inf') to disable expert guidance"
+            "use float('inf') to disable expert guidance (the trainer clamps measured values to "
+            "mentor.algos.gamma.GAMMA_MIN)"
         )
 
 
