@@ -166,7 +166,7 @@ def test_config_printer_names_a_bad_override():
 def test_derived_values_of_the_paper_config():
     d = validate(compose("mentor")).derived
     assert (d.world_size, d.ranks_per_node, d.device_type) == (8, 8, "cuda")  # 1 node x 8 GPUs, trainer.device=cuda
-    assert (d.mixed, d.n_mix, d.responses_per_prompt) == (True, 4, 8)  # N_on 4 + N_mix 4
+    assert (d.mixed, d.n_mix, d.responses_per_prompt) == (True, 4, 12)  # N_on 8 + N_mix 4 (the official train.sh)
     assert (d.mini_batches_per_step, d.optimizer_updates_per_step) == (2, 2)  # 128 prompts / 64 per mini-batch
     assert d.reward_range == pytest.approx(1.0)  # |0.9| + |0.1|
     assert d.max_seq_len == 1024 + 8192 and d.use_reference is False
@@ -188,7 +188,7 @@ def test_derived_reward_range_follows_the_reward_weights():
 
 def test_derived_grpo_has_no_mixed_rollouts_and_counts_ppo_epochs():
     d = validate(compose("mentor", ["algorithm.adv_estimator=grpo", "worker.actor.ppo_epochs=3"])).derived
-    assert (d.mixed, d.n_mix, d.responses_per_prompt) == (False, 0, 4)
+    assert (d.mixed, d.n_mix, d.responses_per_prompt) == (False, 0, 8)
     assert d.optimizer_updates_per_step == 6  # 2 mini-batches x 3 epochs
 
 

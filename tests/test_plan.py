@@ -100,7 +100,7 @@ def test_plan_reads_the_derived_world_size():
     c = validate(compose("mentor", ["trainer.use_ray=false", "worker.actor.global_batch_size=64"]))
     plan = build_plan(c, None, model_shape("Qwen/Qwen2.5-7B"), None)
     assert plan["resources"]["ranks"] == "1 (local mode) (cuda)"
-    assert "1024 per rank" in plan["batch"]["responses / step"]
+    assert "1536 per rank" in plan["batch"]["responses / step"]  # 128 prompts x (8 + 4), all on one rank
     # one rank holds all of FSDP: 16 B x 7.6B = 113 GiB of training state does not fit 80 GiB
     assert not plan["memory"].fits
 

@@ -39,6 +39,7 @@ def build_plan(c: MentorRunConfig, train_rows: int | None, policy: ModelShape | 
     ``memory`` is the :class:`MemoryPlan` (None on CPU or when the policy's config is unknown offline)."""
     d, act, ro, t, dv = c.data, c.worker.actor, c.worker.rollout, c.trainer, c.derived
     mixed, n_mix, world = dv.mixed, dv.n_mix, dv.world_size
+    m = c.algorithm.mentor
     rows = d.rollout_batch_size * dv.responses_per_prompt
     minis = dv.mini_batches_per_step
     mini_rows = act.global_batch_size * dv.responses_per_prompt
