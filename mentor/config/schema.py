@@ -230,7 +230,9 @@ class RolloutConfig:
 @dataclass
 class RewardConfig:
     reward_function: str = "math"
-    """``math`` (built-in: math-verify accuracy + format) or ``path/to/file.py:fn``."""
+    """A built-in: ``math`` (math-verify accuracy + format); tool-use MENTOR's ``tool_mentor`` (official),
+    ``tool_overlap``, ``tool_no_match``, ``tool_f1`` (ablations), ``tool_sparse`` (set ``reward_kwargs: {}`` for
+    these: the default kwargs are the math reward's); or ``path/to/file.py:fn``."""
     reward_kwargs: dict[str, Any] = field(default_factory=lambda: {"accuracy_weight": 0.9, "format_weight": 0.1})
     """Keyword arguments passed to the reward function."""
     num_workers: int = 4

@@ -1,7 +1,9 @@
 """Load a reward function from a spec string and normalise it to one batch signature.
 
-Spec: ``"math"`` (the built-in :func:`mentor.rewards.math.compute_score`) or
-``"path/to/file.py:fn_name"`` (config key ``worker.reward.reward_function``).
+Spec: a built-in name or ``"path/to/file.py:fn_name"`` (config key ``worker.reward.reward_function``).
+Built-ins (:data:`BUILTIN`): ``"math"`` (:func:`mentor.rewards.math.compute_score`) and the tool-use MENTOR
+rewards of :mod:`mentor.rewards.tool`: ``"tool_mentor"`` (the official one), ``"tool_overlap"``,
+``"tool_no_match"``, ``"tool_f1"`` (its ablations) and ``"tool_sparse"`` (the sparse baseline).
 
 Accepted signatures, detected from ``inspect.signature`` or forced with ``reward_type``:
 
@@ -38,7 +40,28 @@ from typing import Any
 
 CONFIG_KEY = "worker.reward.reward_function"
 REWARD_TYPES = ("auto", "batch", "sequential")
-BUILTIN = {"math": ("mentor.rewards.math", "compute_score")}
+BUILTIN = {
+    "math": ("mentor.rewards.math", "compute_score"),
+    "tool_mentor": ("mentor.rewards.tool", "compute_score"),
+    "tool_overlap": ("mentor.rewards.tool", "compute_score_overlap"),
+    "tool_no_match": ("mentor.rewards.tool", "compute_score_no_match"),
+    "tool_f1": ("mentor.rewards.tool", "compute_score_f1"),
+    "tool_sparse": ("mentor.rewards.tool", "compute_score_sparse"),
+}
+"""Built-in reward name -> (module, function); modules are imported only when their reward is loaded."""
+_BUILTIN_NAMES = "', '".join(BUILTIN)
+
+
+def builtin_reward_range(spec: str, kwargs: Mapping[str, Any] | None = None) -> float | None:
+    """max - min of a built-in reward under ``kwargs`` (``worker.reward.reward_kwargs``); None for a user file."""
+    kwargs = kwargs or {}
+    if spec == "math":
+        return float(kwargs.get("accuracy_weight", 0.9)) + float(kwargs.get("format_weight", 0.1))
+    if spec in BUILTIN:
+        from mentor.rewards.tool import REWARD_RANGES
+
+        return REWARD_RANGES[spec]
+    return None
 
 
 class RewardFunctionError(ValueError):
@@ -91,7 +114,7 @@ def _as_score(value: Any) -> Any:
 
 
 def load_reward_function(spec: str, reward_type: str = "auto", **kwargs: Any) -> BatchRewardFn:
-    """Load ``spec`` (``"math"`` or ``"file.py:fn"``) as a :class:`BatchRewardFn`.
+    """Load ``spec`` (a :data:`BUILTIN` name or ``"file.py:fn"``) as a :class:`BatchRewardFn`.
 
     ``kwargs`` are bound to the function as keyword arguments (``worker.reward.reward_kwargs``).
     Raises :class:`RewardFunctionError` naming the file / function / signature at fault.
@@ -99,7 +122,8 @@ def load_reward_function(spec: str, reward_type: str = "auto", **kwargs: Any) ->
     if reward_type not in REWARD_TYPES:
         raise RewardFunctionError(f"reward_type={reward_type!r} is not one of {REWARD_TYPES}")
     if not isinstance(spec, str) or not spec.strip():
-        raise RewardFunctionError(f"{CONFIG_KEY}={spec!r}: expected 'math' or 'path/to/file.py:function_name'")
+        raise RewardFunctionError(f"{CONFIG_KEY}={spec!r}: expected a built-in ('{_BUILTIN_NAMES}') or "
+                                  f"'path/to/file.py:function_name'")
     spec = spec.strip()
     if spec in BUILTIN:
         module_name, fn_name = BUILTIN[spec]
@@ -119,7 +143,7 @@ def _split_spec(spec: str) -> tuple[str, str]:
     path, sep, fn_name = spec.rpartition(":")
     if not sep or not path or not fn_name.isidentifier():
         raise RewardFunctionError(
-            f"{CONFIG_KEY}={spec!r} is neither 'math' nor 'path/to/file.py:function_name' "
+            f"{CONFIG_KEY}={spec!r} is neither a built-in ('{_BUILTIN_NAMES}') nor 'path/to/file.py:function_name' "
             f"(e.g. examples/reward_function/math.py:compute_score)"
         )
     return os.path.abspath(os.path.expanduser(path)), fn_name

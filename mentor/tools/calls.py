@@ -31,6 +31,7 @@ Everything here is pure (no I/O) and works on strings; the rollout loop owns tok
 
 from __future__ import annotations
 
+import ast
 import functools
 import json
 import keyword
@@ -49,6 +50,7 @@ __all__ = [
     "ToolCall",
     "ToolSet",
     "ToolSetError",
+    "as_tool_name_list",
     "called_tool_names",
     "find_tool_calls",
     "format_execution_result",
@@ -221,6 +223,35 @@ def tool_response_content(blocks: Iterable[tuple[ToolCall | CallError | str, str
 def tool_response_message(blocks: Iterable[tuple[ToolCall | CallError | str, str]]) -> dict[str, str]:
     """``{"role": "user", "content": tool_response_content(blocks)}`` for the chat template."""
     return {"role": "user", "content": tool_response_content(blocks)}
+
+
+def as_tool_name_list(value: Any, where: str = "tool_calls_used") -> list[str]:
+    """A teacher's tool names (``tool_calls_used``) as a list of strings, repeats and order kept.
+
+    Accepts a list / tuple / array of names, a JSON or Python-literal list in a string, a single name, or
+    a comma-separated string; None or "" is no tools. Anything else raises ``ValueError`` naming ``where``.
+    """
+    if value is None:
+        return []
+    if hasattr(value, "tolist") and not isinstance(value, str):
+        value = value.tolist()
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return []
+        if text[0] in "[(":
+            try:
+                value = json.loads(text)
+            except ValueError:
+                try:
+                    value = ast.literal_eval(text)
+                except (ValueError, SyntaxError) as err:
+                    raise ValueError(f"{where}: {text[:80]!r} is not a list of tool names") from err
+        else:
+            return [part.strip() for part in text.split(",") if part.strip()]
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return [v.strip() for v in value if v.strip()]
+    raise ValueError(f"{where}: expected a list of tool names, got {value!r}"[:300])
 
 
 # ---- tool sets -----------------------------------------------------------------------------------------------

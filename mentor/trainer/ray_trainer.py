@@ -24,8 +24,10 @@ from tqdm import tqdm
 from mentor.config.schema import MentorRunConfig
 from mentor.config.validate import to_yaml
 from mentor.data.dataset import ResumableSampler, RLDataset
-from mentor.models.loader import load_tokenizer
+from mentor.models.loader import generation_eos_ids, load_tokenizer
 from mentor.protocol import Batch
+from mentor.rewards.inputs import build_reward_inputs
+from mentor.rewards.loader import builtin_reward_range
 from mentor.rewards.pool import RewardPool
 from mentor.single_controller import WorkerDiedError
 from mentor import algos
@@ -45,6 +47,7 @@ class RayTrainer:
         self.config = c = config
         self.wg = worker_group
         self.tokenizer = load_tokenizer(c.worker.actor.model_path)
+        self.eos_ids = generation_eos_ids(self.tokenizer, c.worker.actor.model_path)  # rewards: ended_with_eos
         d = c.data
         kw = dict(prompt_key=d.prompt_key, answer_key=d.answer_key, data_source_key=d.data_source_key,
                   format_prompt=d.format_prompt, system_prompt=d.system_prompt, max_prompt_length=d.max_prompt_length,
@@ -76,10 +79,9 @@ class RayTrainer:
                                resume_lines=tracked.get("metrics_lines"), swanlab_run_id=tracked.get("swanlab_run_id"))
 
     def _default_reward_range(self) -> float:
-        w = self.config.worker.reward.reward_kwargs
-        if self.config.worker.reward.reward_function == "math":
-            return float(w.get("accuracy_weight", 0.9)) + float(w.get("format_weight", 0.1))
-        return 1.0
+        rw = self.config.worker.reward
+        span = builtin_reward_range(rw.reward_function, rw.reward_kwargs)
+        return 1.0 if span is None else span
 
     # ---- the loop ------------------------------------------------------------------------------------------
 
@@ -270,8 +272,7 @@ class RayTrainer:
     def compute_rewards(self, batch: Batch, metrics: dict[str, Any]) -> None:
         """Scores from the reward pool, placed on each response's last token: ``token_level_scores`` [B, Lr]."""
         texts = self.tokenizer.batch_decode(_response_ids(batch), skip_special_tokens=True)
-        inputs = [{"response": t, "ground_truth": gt, "data_source": ds}
-                  for t, gt, ds in zip(texts, batch["ground_truth"], batch["data_source"])]
+        inputs = build_reward_inputs(texts, batch, self.eos_ids)
         scores, stats = self.reward_pool.score(inputs)
         overall = torch.tensor([s["overall"] for s in scores], dtype=torch.float32)
         mask = batch["response_mask"]
@@ -311,8 +312,7 @@ class RayTrainer:
 
     def _val_scores(self, batch: Batch) -> dict[str, np.ndarray]:
         texts = self.tokenizer.batch_decode(_response_ids(batch), skip_special_tokens=True)
-        inputs = [{"response": t, "ground_truth": gt, "data_source": ds}
-                  for t, gt, ds in zip(texts, batch["ground_truth"], batch["data_source"])]
+        inputs = build_reward_inputs(texts, batch, self.eos_ids)
         scores, _ = self.reward_pool.score(inputs)
         return {"accuracy": np.array([s.get("accuracy", 0.0) for s in scores], dtype=float),
                 "overall": np.array([s["overall"] for s in scores], dtype=float),
