@@ -4,6 +4,12 @@ A row needs a question (``prompt_key``) and a gold answer (``answer_key``); the 
 optional jinja format prompt, then the tokenizer's chat template (system prompt of paper App. B by default),
 and is tokenized once at load. Prompts longer than ``max_prompt_length`` are dropped and counted. A bad row
 raises :class:`DataError` naming the file, the line (jsonl, 1-based) or row (json/parquet/HF, 0-based) and the key.
+
+Tool-use rows (arXiv 2510.18383; :mod:`mentor.data.tool_prep` writes them from MENTOR-data) also carry
+``func_schemas`` (OpenAI tool schemas, JSON text or list), ``env`` (the tools' Python source) and
+``tool_calls_used`` (the teacher's tool names). Their prompt is rendered with ``tools=`` the schemas (the chat
+template lists them, as the official ``qwen3_native`` prompt does), and the three fields travel with the
+prompt (:class:`PromptItem`) to the rollout and the reward.
 """
 
 from __future__ import annotations
@@ -30,7 +36,9 @@ class PromptItem:
 
     Fields: ``prompt_ids`` (list[int], length <= max_prompt_length), ``prompt_text`` (rendered chat text),
     ``ground_truth`` (str), ``data_source`` (str), ``uid`` (stable id ``<source file>:<row>``), ``extra`` (the
-    remaining row fields, passed to rewards as ``extra_info``).
+    remaining row fields, passed to rewards as ``extra_info``); tool-use rows only (None otherwise):
+    ``func_schemas`` (canonical JSON text of the tool schemas), ``env`` (Python source of the tools),
+    ``tool_calls_used`` (list of the teacher's tool names).
     """
 
     prompt_ids: list[int]
@@ -39,6 +47,31 @@ class PromptItem:
     data_source: str
     uid: str
     extra: dict[str, Any] = field(default_factory=dict)
+    func_schemas: str | None = None
+    env: str | None = None
+    tool_calls_used: list[str] | None = None
+
+    @property
+    def has_tools(self) -> bool:
+        return self.func_schemas is not None
+
+
+TOOL_KEYS = ("func_schemas", "env", "tool_calls_used")
+"""Row keys of tool-use rows; they leave ``extra`` and become :class:`PromptItem` fields."""
+
+
+def _tool_fields(row: dict[str, Any], where: str) -> tuple[list[dict[str, Any]] | None, str | None, list[str] | None]:
+    """(schemas, env, teacher names) of a tool-use row, or (None, None, None) for a row without ``func_schemas``."""
+    from mentor.tools.calls import ToolSet, ToolSetError, as_tool_name_list
+
+    if row.get("func_schemas") is None:
+        return None, None, None
+    try:
+        tools = ToolSet.from_row(row["func_schemas"], row.get("env"), where=f"{where}: key 'func_schemas'/'env'")
+        teacher = as_tool_name_list(row.get("tool_calls_used"), where=f"{where}: key 'tool_calls_used'")
+    except ValueError as err:  # ToolSetError is a ValueError
+        raise DataError(str(err)) from err
+    return tools.schemas, tools.env, teacher
 
 
 def _read_jsonl(path: str) -> Iterator[tuple[str, Any]]:
@@ -142,7 +175,8 @@ class RLDataset(torch.utils.data.Dataset):
             where = f"{source}: {pos}"
             question = _text_field(row, prompt_key, where, allow_numbers=False)
             answer = _text_field(row, answer_key, where, allow_numbers=True)
-            text = self.render(question)
+            schemas, env, teacher = _tool_fields(row, where)
+            text = self.render(question, tools=schemas)
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
             if len(ids) > max_prompt_length:
                 if not filter_overlong_prompts:
@@ -151,8 +185,10 @@ class RLDataset(torch.utils.data.Dataset):
                 self.num_filtered += 1
                 continue
             data_source = row.get(data_source_key) or Path(source.split(":")[0]).stem
-            extra = {k: v for k, v in row.items() if k not in (prompt_key, answer_key)}
-            self.items.append(PromptItem(ids, text, answer, str(data_source), f"{source}:{pos}", extra))
+            extra = {k: v for k, v in row.items() if k not in (prompt_key, answer_key, *TOOL_KEYS)}
+            self.items.append(PromptItem(ids, text, answer, str(data_source), f"{source}:{pos}", extra,
+                                         None if schemas is None else json.dumps(schemas, ensure_ascii=False),
+                                         env, teacher))
             if 0 < max_samples <= len(self.items):
                 break
         if not self.items:
@@ -162,15 +198,22 @@ class RLDataset(torch.utils.data.Dataset):
             logger.info("%s: filtered %d prompts longer than %d tokens; %d kept", data_files, self.num_filtered,
                         max_prompt_length, len(self.items))
 
-    def render(self, question: str) -> str:
-        """Question -> chat text ending with the assistant generation prompt."""
+    def render(self, question: str, tools: list[dict[str, Any]] | None = None) -> str:
+        """Question -> chat text ending with the assistant generation prompt; ``tools`` (OpenAI schemas) go to
+        the chat template's ``tools=`` (a template without tool support ignores them)."""
         content = self.template.render(content=question) if self.template else question
         messages = [{"role": "user", "content": content}]
         if self.system_prompt:
             messages.insert(0, {"role": "system", "content": self.system_prompt})
         if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            kwargs = {"tools": tools} if tools else {}
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
         return "\n".join(m["content"] for m in messages) + "\n"
+
+    @property
+    def has_tools(self) -> bool:
+        """True if any prompt is a tool-use row."""
+        return any(item.has_tools for item in self.items)
 
     def __len__(self) -> int:
         return len(self.items)

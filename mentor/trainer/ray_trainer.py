@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from mentor.config.schema import MentorRunConfig
 from mentor.config.validate import to_yaml
-from mentor.data.dataset import ResumableSampler, RLDataset
+from mentor.data.dataset import TOOL_KEYS, ResumableSampler, RLDataset
 from mentor.models.loader import generation_eos_ids, load_tokenizer
 from mentor.protocol import Batch
 from mentor.rewards.inputs import build_reward_inputs
@@ -355,8 +355,14 @@ class _StopOnSignal:
 
 
 def _prompt_batch(items: list) -> Batch:
-    return Batch(non_tensors={"prompt_ids": [i.prompt_ids for i in items], "ground_truth": [i.ground_truth for i in items],
-                              "data_source": [i.data_source for i in items], "uid": [i.uid for i in items]})
+    """Non-tensors ``prompt_ids``, ``ground_truth``, ``data_source``, ``uid``; with any tool-use row also
+    ``func_schemas``, ``env``, ``tool_calls_used`` (None on rows without tools)."""
+    columns = {"prompt_ids": [i.prompt_ids for i in items], "ground_truth": [i.ground_truth for i in items],
+               "data_source": [i.data_source for i in items], "uid": [i.uid for i in items]}
+    if any(i.has_tools for i in items):
+        for key in TOOL_KEYS:
+            columns[key] = [getattr(i, key) for i in items]
+    return Batch(non_tensors=columns)
 
 
 def _response_ids(batch: Batch) -> list[list[int]]:
