@@ -20,10 +20,12 @@ from mentor.tools.calls import (
     parse_tool_calls,
     render_tool_response,
     strip_tool_responses,
+    tool_call_stats,
     tool_names,
     tool_response_content,
     tool_response_message,
     tool_tags_balanced,
+    tool_turn_text,
 )
 
 NUMBER = {"type": "number"}
@@ -229,3 +231,49 @@ def test_bad_tool_sets_name_the_row_and_key(schemas, env, fragment):
     with pytest.raises(ToolSetError) as info:
         ToolSet.from_row(schemas, env, where="train.parquet: row 3")
     assert str(info.value).startswith("train.parquet: row 3: ") and fragment in str(info.value)
+
+
+# ---- metrics and the chat-template turn ----------------------------------------------------------------------
+
+def test_tool_call_stats_count_valid_calls_and_each_error_kind(tools):
+    parsed = parse_tool_calls(call("add", a=1, b=2) + call("mul", a=1) + "<tool_call>{</tool_call>"
+                              + call("add", a=1), tools)
+    assert tool_call_stats(parsed) == {"tool/calls": 4.0, "tool/valid_calls": 1.0, "tool/error_bad_json": 1.0,
+                                       "tool/error_missing_name": 0.0, "tool/error_unknown_tool": 1.0,
+                                       "tool/error_bad_arguments": 1.0}
+    assert tool_call_stats([])["tool/calls"] == 0.0
+
+
+QWEN25_LIKE = (  # the parts of Qwen2.5's template that matter here: a default system message, tools listed in it
+    "{%- if tools %}{{- '<|im_start|>system\\nYou are Qwen.\\n<tools>' }}{%- for tool in tools %}{{- tool | tojson }}"
+    "{%- endfor %}{{- '</tools><|im_end|>\\n' }}{%- else %}{{- '<|im_start|>system\\nYou are Qwen.<|im_end|>\\n' }}"
+    "{%- endif %}{%- for m in messages %}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+
+
+@pytest.mark.parametrize("template", [None, QWEN25_LIKE])
+def test_tool_turn_text_is_the_official_user_turn_and_assistant_header(template):
+    from mentor.models._tiny_tokenizer import train_tokenizer
+
+    tok = train_tokenizer(["2 + 3 = 5"], vocab_size=100)  # chat template <|im_start|>role\ncontent<|im_end|>\n
+    if template:
+        tok.chat_template = template
+    content = tool_response_content([("c", "result: \n5")])
+    # the official rollout appends "\n<|im_start|>user\n" + content + "<|im_end|>" + "\n<|im_start|>assistant\n<think>"
+    assert tool_turn_text(tok, content, generation_prefix="<think>") == (
+        "\n<|im_start|>user\n<tool_response>c\nresult: \n5\n</tool_response>\n<|im_end|>\n<|im_start|>assistant\n<think>")
+
+
+def test_official_user_message_format_prompt(tmp_path):
+    from pathlib import Path
+
+    from mentor.data.dataset import RLDataset
+    from mentor.models._tiny_tokenizer import train_tokenizer
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"problem": "What is 2 + 3?", "answer": "5"}) + "\n")
+    jinja = Path(__file__).parents[1] / "examples" / "format_prompt" / "mentor_tool.jinja"
+    ds = RLDataset(str(rows), train_tokenizer(["2 + 3"], vocab_size=100), format_prompt=str(jinja), system_prompt=None)
+    # official rl_dataset.py (qwen3_native): f"Question: {q}\n\nIf you have got the answer, enclose it within \\boxed{{}} with latex format."
+    assert ds[0].prompt_text == ("<|im_start|>user\nQuestion: What is 2 + 3?\n\nIf you have got the answer, enclose it "
+                                 "within \\boxed{} with latex format.<|im_end|>\n<|im_start|>assistant\n")

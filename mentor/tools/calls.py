@@ -59,9 +59,11 @@ __all__ = [
     "render_tool_response",
     "strip_tool_responses",
     "tool_names",
+    "tool_call_stats",
     "tool_response_content",
     "tool_response_message",
     "tool_tags_balanced",
+    "tool_turn_text",
 ]
 
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
@@ -252,6 +254,46 @@ def as_tool_name_list(value: Any, where: str = "tool_calls_used") -> list[str]:
     if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
         return [v.strip() for v in value if v.strip()]
     raise ValueError(f"{where}: expected a list of tool names, got {value!r}"[:300])
+
+
+def tool_call_stats(calls: Iterable[ToolCall | CallError]) -> dict[str, float]:
+    """Counters over parsed calls (sums, so ranks and turns add up): ``tool/calls`` (all), ``tool/valid_calls``
+    and ``tool/error_<kind>`` for each :class:`CallError` kind, zeros included so every step logs every key."""
+    stats = {"tool/calls": 0.0, "tool/valid_calls": 0.0,
+             **{f"tool/error_{kind}": 0.0 for kind in (BAD_JSON, MISSING_NAME, UNKNOWN_TOOL, BAD_ARGUMENTS)}}
+    for c in calls:
+        stats["tool/calls"] += 1
+        stats["tool/valid_calls" if isinstance(c, ToolCall) else f"tool/error_{c.kind}"] += 1
+    return stats
+
+
+_PROBE = "\u2063mentor-probe\u2063"  # text no chat template adds or changes
+
+
+def tool_turn_text(tokenizer: Any, content: str, turn_end: str | None = None, generation_prefix: str = "") -> str:
+    """The text to append after an assistant turn that ended with ``turn_end`` (default: the tokenizer's eos
+    token text): a user turn holding ``content`` (see :func:`tool_response_content`) and the next assistant
+    header, exactly as the tokenizer's chat template renders them, then ``generation_prefix``.
+
+    For Qwen2.5 this is ``"\n<|im_start|>user\n" + content + "<|im_end|>\n<|im_start|>assistant\n"``; the
+    official rollout writes the same and adds ``"<think>"`` (pass it as ``generation_prefix``). It is found as
+    the difference between two renders of a probe conversation, so template quirks (a default system message,
+    tool listings) cancel out. Encode it on its own (``add_special_tokens=False``) and append the ids to the
+    sampled ones: the model's tokens are never re-encoded. Raises ``ValueError`` if the template does not
+    render the conversation as a prefix-stable sequence of turns.
+    """
+    turn_end = tokenizer.eos_token if turn_end is None else turn_end
+    history = [{"role": "user", "content": "q"}, {"role": "assistant", "content": _PROBE}]
+    before = tokenizer.apply_chat_template(history, tokenize=False)
+    after = tokenizer.apply_chat_template(history + [{"role": "user", "content": content}], tokenize=False,
+                                          add_generation_prompt=True)
+    end = before.index(_PROBE) + len(_PROBE)
+    if turn_end and before.startswith(turn_end, end):
+        end += len(turn_end)
+    if not after.startswith(before[:end]):
+        raise ValueError("tool_turn_text: the chat template renders earlier turns differently once a user turn "
+                         "follows; the tool turn cannot be appended as a suffix")
+    return after[end:] + generation_prefix
 
 
 # ---- tool sets -----------------------------------------------------------------------------------------------
