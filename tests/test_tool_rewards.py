@@ -241,3 +241,20 @@ def test_tool_rewards_are_builtins_that_load_by_name(spec, span):
 def test_builtin_reward_range_of_math_follows_its_weights_and_is_none_for_files():
     assert builtin_reward_range("math", {"accuracy_weight": 0.9, "format_weight": 0.1}) == pytest.approx(1.0)
     assert builtin_reward_range("reward.py:fn") is None
+
+
+def test_reward_sub_scores_reach_the_validation_metrics():
+    from mentor.trainer.metrics import validation_metrics
+    from mentor.trainer.ray_trainer import _score_keys
+
+    assert _score_keys(compute_score([item("add")])) == ["overall", "accuracy", "format", "tool_match", "tool_overlap",
+                                                         "tool_f1", "no_hallucination", "eos", "boxed", "tool_calls"]
+    prompts = Batch(non_tensors={"data_source": ["a", "b"]})
+    sampled = {"accuracy": np.array([1.0, 0.0, 0.0, 0.0]), "overall": np.zeros(4), "length": np.zeros(4),
+               "tool_match": np.array([1.0, 1.0, 0.0, 1.0])}  # n = 2, interleaved: prompt a [1, 1], prompt b [0, 1]
+    m = validation_metrics({"sampled": sampled}, prompts, n=2)
+    assert m["val/tool_match"] == pytest.approx(0.75) and m["val/a/tool_match"] == 1.0 and m["val/b/tool_match"] == 0.5
+    greedy = {"accuracy": np.array([1.0, 0.0]), "overall": np.zeros(2), "length": np.zeros(2),
+              "no_hallucination": np.array([0.0, 1.0])}
+    m = validation_metrics({"greedy": greedy, "sampled": sampled}, prompts, n=2)
+    assert m["val/no_hallucination"] == 0.5 and m["val/b/no_hallucination"] == 1.0 and "val/tool_match" not in m

@@ -55,8 +55,8 @@ def rollout_metrics(batch: Batch, tokenizer: Any, reasoning_words: list[str]) ->
         "actor/entropy": float(masked_mean(batch["entropies"], mask)),
         "critic/advantages_mean": float(masked_mean(batch["advantages"], mask)),
     }
-    for key in ("overall", "accuracy", "format"):
-        m[f"reward/{key}"] = float(batch[f"reward_{key}"].mean())
+    for key in [k for k in batch.tensor_keys if k.startswith("reward_")]:  # every sub-score of the reward
+        m[f"reward/{key[len('reward_'):]}"] = float(batch[key].float().mean())
     for name, rows in (("on", ~mixed), ("mix", mixed)):
         if bool(rows.any()):
             m[f"reward/accuracy_{name}"] = float(batch["reward_accuracy"][rows].mean())
@@ -68,6 +68,9 @@ def rollout_metrics(batch: Batch, tokenizer: Any, reasoning_words: list[str]) ->
                                        skip_special_tokens=True)
         m.update(reasoning_word_rates(texts, reasoning_words))
     return m
+
+
+_VAL_CORE_KEYS = ("accuracy", "overall", "length", "format")
 
 
 def validation_metrics(results: dict[str, dict[str, np.ndarray]], prompts: Batch, n: int) -> dict[str, float]:
@@ -84,6 +87,10 @@ def validation_metrics(results: dict[str, dict[str, np.ndarray]], prompts: Batch
             out[f"val/{prefix}reward"] = float(g["overall"][rows].mean())
             out[f"val/{prefix}response_length"] = float(g["length"][rows].mean())
         s = results["sampled"]
+        # the reward's other sub-scores (tool_match, no_hallucination, ...): greedy if run, else the sampled mean
+        sub = results.get("greedy", s)
+        for key in [k for k in sub if k not in _VAL_CORE_KEYS]:
+            out[f"val/{prefix}{key}"] = float(sub[key].reshape(len(rows), -1)[rows].mean())
         acc = s["accuracy"].reshape(-1, n)[rows]  # [P, n]
         correct = (acc > 0.5).sum(-1)
         out[f"val/{prefix}avg@{n}"] = float(acc.mean())

@@ -281,7 +281,7 @@ class RayTrainer:
         token_scores[torch.arange(len(batch)), last] = overall
         batch["token_level_scores"] = token_scores
         batch["token_level_rewards"] = token_scores
-        for key in ("overall", "accuracy", "format"):
+        for key in _score_keys(scores):  # overall, accuracy, format + the reward's own sub-scores (tool_match, ...)
             batch[f"reward_{key}"] = torch.tensor([float(s.get(key, 0.0)) for s in scores])
         metrics.update(stats.as_metrics())
 
@@ -314,9 +314,9 @@ class RayTrainer:
         texts = self.tokenizer.batch_decode(_response_ids(batch), skip_special_tokens=True)
         inputs = build_reward_inputs(texts, batch, self.eos_ids)
         scores, _ = self.reward_pool.score(inputs)
-        return {"accuracy": np.array([s.get("accuracy", 0.0) for s in scores], dtype=float),
-                "overall": np.array([s["overall"] for s in scores], dtype=float),
-                "length": batch["response_mask"].sum(-1).numpy().astype(float)}
+        out = {key: np.array([s.get(key, 0.0) for s in scores], dtype=float) for key in _score_keys(scores)}
+        out["length"] = batch["response_mask"].sum(-1).numpy().astype(float)
+        return out
 
 
 class TrainingAborted(RuntimeError):
@@ -363,6 +363,12 @@ def _prompt_batch(items: list) -> Batch:
         for key in TOOL_KEYS:
             columns[key] = [getattr(i, key) for i in items]
     return Batch(non_tensors=columns)
+
+
+def _score_keys(scores: list[dict[str, float]]) -> list[str]:
+    """``overall``, ``accuracy``, ``format`` and every other sub-score the reward returned (the pool gives all
+    items the same keys)."""
+    return list(dict.fromkeys(["overall", "accuracy", "format", *(scores[0] if scores else {})]))
 
 
 def _response_ids(batch: Batch) -> list[list[int]]:
