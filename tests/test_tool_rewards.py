@@ -258,3 +258,11 @@ def test_reward_sub_scores_reach_the_validation_metrics():
               "no_hallucination": np.array([0.0, 1.0])}
     m = validation_metrics({"greedy": greedy, "sampled": sampled}, prompts, n=2)
     assert m["val/no_hallucination"] == 0.5 and m["val/b/no_hallucination"] == 1.0 and "val/tool_match" not in m
+
+
+def test_verl_style_rewards_get_the_row_tool_fields_as_extra_info(tmp_path):
+    path = tmp_path / "official_like.py"
+    path.write_text("def compute_score(data_source, solution_str, ground_truth, extra_info=None):\n"
+                    "    return float(extra_info['ended_with_eos']) + len(extra_info['tool_calls_used'])\n")
+    fn = load_reward_function(f"{path}:compute_score")
+    assert fn.style == "verl" and fn([item("add", teacher=("add", "power"))]) == [{"overall": 3.0}]

@@ -16,8 +16,9 @@ Accepted signatures, detected from ``inspect.signature`` or forced with ``reward
 ``reward_type="auto"`` picks verl for three or more required positional parameters (or one named
 ``solution_str``), EasyR1 sequential for a single parameter annotated as a dict, and batch for any
 other single parameter (EasyR1's default). Every form becomes a :class:`BatchRewardFn`: called on a
-list of input dicts (``response``, ``ground_truth``, optionally ``data_source``, ``extra_info``) it
-returns one item per input, a dict with ``overall`` where the function returned one (verl's
+list of input dicts (``response``, ``ground_truth``, ``ended_with_eos``, ``data_source`` and, for tool-use
+rows, ``func_schemas`` and ``tool_calls_used``: see :mod:`mentor.rewards.inputs`; verl functions get the
+fields beyond their three positional ones as ``extra_info``) it returns one item per input, a dict with ``overall`` where the function returned one (verl's
 ``score`` is copied to ``overall``; a bare number becomes ``{"overall": x}``). Anything else is
 passed through unchanged: :class:`mentor.rewards.pool.RewardPool` validates the items.
 
@@ -88,7 +89,7 @@ class BatchRewardFn:
         for item in reward_inputs:
             args = [item.get("data_source", ""), item.get("response", ""), item.get("ground_truth")]
             if self._pass_extra_info:
-                args.append(item.get("extra_info"))
+                args.append(_extra_info(item))
             scores.append(_as_score(self._fn(*args)))
         return scores
 
@@ -97,6 +98,13 @@ class BatchRewardFn:
 
     def __repr__(self) -> str:
         return f"BatchRewardFn({self.spec!r}, style={self.style!r}, kwargs={self.kwargs!r})"
+
+
+def _extra_info(item: Mapping[str, Any]) -> dict[str, Any]:
+    """verl's ``extra_info``: the input's own, else its other fields (``ended_with_eos``, ``tool_calls_used``, ...)."""
+    if item.get("extra_info") is not None:
+        return item["extra_info"]
+    return {k: v for k, v in item.items() if k not in ("data_source", "response", "ground_truth")}
 
 
 def _reload(spec: str, style: str, kwargs: dict[str, Any]) -> BatchRewardFn:
