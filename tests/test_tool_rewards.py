@@ -266,3 +266,13 @@ def test_verl_style_rewards_get_the_row_tool_fields_as_extra_info(tmp_path):
                     "    return float(extra_info['ended_with_eos']) + len(extra_info['tool_calls_used'])\n")
     fn = load_reward_function(f"{path}:compute_score")
     assert fn.style == "verl" and fn([item("add", teacher=("add", "power"))]) == [{"overall": 3.0}]
+
+
+def test_a_fixed_whitelist_replaces_the_row_tool_set():
+    from mentor.rewards.tool import OFFICIAL_MATH_TOOLS
+
+    lookup = json.dumps([schema("lookup")])
+    # with the official hard-coded list, 'add' is real and 'lookup' invented, whatever the row lists
+    inp = item("add", "lookup", tools=lookup)
+    assert overall(compute_score, inp) == [pytest.approx(0.7)]                                 # row set: S = {lookup}
+    assert overall(compute_score, inp, whitelist=list(OFFICIAL_MATH_TOOLS)) == [pytest.approx(1.0)]  # S = {add}, not H

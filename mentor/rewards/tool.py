@@ -34,7 +34,8 @@ the last two may also sit in ``extra_info`` (the MENTOR-data layout).
 Where this departs from the official code, and why:
 
 - the whitelist of tool names is the row's own tool set, not the 12 arithmetic tools hard-coded in
-  ``extract_tool_usage`` (so the reward works on any tool data);
+  ``extract_tool_usage`` (so the reward works on any tool data); ``whitelist=OFFICIAL_MATH_TOOLS``
+  (``worker.reward.reward_kwargs.whitelist``) restores the fixed list;
 - tool calls and the answer are read from the response only, with ``<tool_response>`` blocks removed: the
   official code searches prompt + response, tool outputs included, so a tool's output could fake a call or
   an answer; the EOS check is ``ended_with_eos`` instead of ``s.endswith(tokenizer.eos_token)``;
@@ -57,6 +58,7 @@ from mentor.rewards.math import extract_last_boxed, grade_answer
 from mentor.tools.calls import as_tool_name_list, called_tool_names, strip_tool_responses, tool_names
 
 __all__ = [
+    "OFFICIAL_MATH_TOOLS",
     "REWARD_RANGES",
     "ToolRewardParts",
     "compute_score",
@@ -209,10 +211,16 @@ def _golds(gold: Any) -> list[str]:
     return out
 
 
-def score_parts(item: Mapping[str, Any], max_answer_chars: int = 1000,
-                verify_timeout_s: float | None = 5.0) -> ToolRewardParts:
+OFFICIAL_MATH_TOOLS = ("add", "subtract", "multiply", "divide", "sum_numbers", "floor", "ceil", "round_number",
+                       "power", "sqrt", "abs_value", "modulo")
+"""The whitelist hard-coded in the official ``extract_tool_usage`` (pass it as ``whitelist`` to reproduce it)."""
+
+
+def score_parts(item: Mapping[str, Any], max_answer_chars: int = 1000, verify_timeout_s: float | None = 5.0,
+                whitelist: Iterable[str] | None = None) -> ToolRewardParts:
     """Read one reward input (see the module docstring) into :class:`ToolRewardParts`.
 
+    ``whitelist``: the tool names that count as real; None = the row's own tool set (``func_schemas``).
     Raises ``ValueError`` when ``ended_with_eos`` is missing (the trainer must provide it) or the row's
     ``func_schemas`` / ``tool_calls_used`` are unreadable.
     """
@@ -225,7 +233,10 @@ def score_parts(item: Mapping[str, Any], max_answer_chars: int = 1000,
     boxed = answer is not None and bool(answer.strip())
     correct = boxed and any(grade_answer(answer, g, max_answer_chars=max_answer_chars,
                                          verify_timeout_s=verify_timeout_s) for g in _golds(item.get("ground_truth")))
-    allowed = tool_names(_row_value(item, "func_schemas"), where="tool reward input func_schemas")
+    if whitelist is None:
+        allowed = tool_names(_row_value(item, "func_schemas"), where="tool reward input func_schemas")
+    else:
+        allowed = frozenset(whitelist)
     called = called_tool_names(text)
     teacher = as_tool_name_list(_row_value(item, "tool_calls_used"), where="tool reward input tool_calls_used")
     return ToolRewardParts(
@@ -241,47 +252,54 @@ def _sub_scores(p: ToolRewardParts) -> dict[str, float]:
 
 
 def _score_all(reward_inputs: list[dict], formula: Callable[[ToolRewardParts], float], name: str,
-               max_answer_chars: int, verify_timeout_s: float | None) -> list[dict[str, float]]:
+               max_answer_chars: int, verify_timeout_s: float | None,
+               whitelist: Iterable[str] | None) -> list[dict[str, float]]:
     if not isinstance(reward_inputs, (list, tuple)):
         raise TypeError(f"{name} reward: reward_inputs must be a list of dicts, got {type(reward_inputs).__name__}")
     scores = []
     for item in reward_inputs:
-        parts = score_parts(item, max_answer_chars, verify_timeout_s)
+        parts = score_parts(item, max_answer_chars, verify_timeout_s, whitelist)
         scores.append({"overall": float(formula(parts)), **_sub_scores(parts)})
     return scores
 
 
 # ---- the built-ins (EasyR1 batch signature) ------------------------------------------------------------------
+# Common keyword arguments (worker.reward.reward_kwargs): max_answer_chars and verify_timeout_s as in the math
+# reward; whitelist (list of names, None = the row's tool set); no_teacher_tools_score (see the module docstring).
 
 def compute_score(reward_inputs: list[dict], no_teacher_tools_score: float | None = None,
-                  max_answer_chars: int = 1000, verify_timeout_s: float | None = 5.0) -> list[dict[str, float]]:
+                  max_answer_chars: int = 1000, verify_timeout_s: float | None = 5.0,
+                  whitelist: list[str] | None = None) -> list[dict[str, float]]:
     """Built-in ``tool_mentor``: the official MENTOR reward (:func:`mentor_reward`)."""
     return _score_all(reward_inputs, lambda p: mentor_reward(p, no_teacher_tools_score), "tool_mentor",
-                      max_answer_chars, verify_timeout_s)
+                      max_answer_chars, verify_timeout_s, whitelist)
 
 
 def compute_score_overlap(reward_inputs: list[dict], no_teacher_tools_score: float | None = None,
-                          max_answer_chars: int = 1000,
-                          verify_timeout_s: float | None = 5.0) -> list[dict[str, float]]:
+                          max_answer_chars: int = 1000, verify_timeout_s: float | None = 5.0,
+                          whitelist: list[str] | None = None) -> list[dict[str, float]]:
     """Built-in ``tool_overlap``: ablation 2, any overlap with the teacher's tools, no H (:func:`overlap_reward`)."""
     return _score_all(reward_inputs, lambda p: overlap_reward(p, no_teacher_tools_score), "tool_overlap",
-                      max_answer_chars, verify_timeout_s)
+                      max_answer_chars, verify_timeout_s, whitelist)
 
 
 def compute_score_no_match(reward_inputs: list[dict], max_answer_chars: int = 1000,
-                           verify_timeout_s: float | None = 5.0) -> list[dict[str, float]]:
+                           verify_timeout_s: float | None = 5.0,
+                           whitelist: list[str] | None = None) -> list[dict[str, float]]:
     """Built-in ``tool_no_match``: ablation 3, no tool-match term (:func:`no_match_reward`)."""
-    return _score_all(reward_inputs, no_match_reward, "tool_no_match", max_answer_chars, verify_timeout_s)
+    return _score_all(reward_inputs, no_match_reward, "tool_no_match", max_answer_chars, verify_timeout_s, whitelist)
 
 
 def compute_score_f1(reward_inputs: list[dict], no_teacher_tools_score: float | None = None,
-                     max_answer_chars: int = 1000, verify_timeout_s: float | None = 5.0) -> list[dict[str, float]]:
+                     max_answer_chars: int = 1000, verify_timeout_s: float | None = 5.0,
+                     whitelist: list[str] | None = None) -> list[dict[str, float]]:
     """Built-in ``tool_f1``: ablation 4, the tool term as 0.3 F1(S, T) (:func:`f1_reward`)."""
     return _score_all(reward_inputs, lambda p: f1_reward(p, no_teacher_tools_score), "tool_f1",
-                      max_answer_chars, verify_timeout_s)
+                      max_answer_chars, verify_timeout_s, whitelist)
 
 
 def compute_score_sparse(reward_inputs: list[dict], max_answer_chars: int = 1000,
-                         verify_timeout_s: float | None = 5.0) -> list[dict[str, float]]:
+                         verify_timeout_s: float | None = 5.0,
+                         whitelist: list[str] | None = None) -> list[dict[str, float]]:
     """Built-in ``tool_sparse``: the sparse baseline (:func:`sparse_reward`)."""
-    return _score_all(reward_inputs, sparse_reward, "tool_sparse", max_answer_chars, verify_timeout_s)
+    return _score_all(reward_inputs, sparse_reward, "tool_sparse", max_answer_chars, verify_timeout_s, whitelist)
