@@ -276,3 +276,14 @@ def test_a_fixed_whitelist_replaces_the_row_tool_set():
     inp = item("add", "lookup", tools=lookup)
     assert overall(compute_score, inp) == [pytest.approx(0.7)]                                 # row set: S = {lookup}
     assert overall(compute_score, inp, whitelist=list(OFFICIAL_MATH_TOOLS)) == [pytest.approx(1.0)]  # S = {add}, not H
+
+
+def test_the_reward_sits_on_the_last_model_token_even_before_tool_tokens():
+    from mentor.rewards.inputs import place_on_last_token
+
+    mask = torch.tensor([[1, 1, 1, 0],    # contiguous: position 2 = sum - 1
+                         [1, 0, 0, 1],    # model, tool, tool, model: position 3
+                         [1, 1, 0, 0],    # the last model token is followed by tool tokens (cut by the cap): 1
+                         [0, 0, 0, 0]])   # empty: position 0
+    out = place_on_last_token(torch.tensor([0.5, 1.1, 0.1, 0.0]), mask)
+    torch.testing.assert_close(out, torch.tensor([[0, 0, 0.5, 0], [0, 0, 0, 1.1], [0, 0.1, 0, 0], [0, 0, 0, 0]]))

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["ROW_KEYS", "build_reward_inputs", "ended_with_eos"]
+__all__ = ["ROW_KEYS", "build_reward_inputs", "ended_with_eos", "place_on_last_token"]
 
 ROW_KEYS = ("ground_truth", "data_source", "func_schemas", "tool_calls_used")
 """Non-tensor batch keys copied into each reward input when present."""
@@ -50,3 +50,17 @@ def build_reward_inputs(texts: Sequence[str], batch: Any, eos_ids: Sequence[int]
     columns = {k: batch[k] for k in keys}
     return [{"response": text, "ended_with_eos": bool(eos[i]), **{k: columns[k][i] for k in keys}}
             for i, text in enumerate(texts)]
+
+
+def place_on_last_token(scores: Tensor, mask: Tensor) -> Tensor:
+    """[B, Lr] float: ``scores`` [B] at each row's last position where ``mask`` [B, Lr] is 1, 0 elsewhere.
+
+    With a loss mask that is 0 on tool outputs (tool-use rollouts) this is the last model-generated token, as
+    the paper puts it, even when tool tokens follow it; for a contiguous mask it is position ``sum - 1``.
+    A row with an all-zero mask gets its score at position 0.
+    """
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)  # [B, Lr]
+    last = torch.where(mask.bool(), positions, -1).max(-1).values.clamp(min=0)  # [B]
+    out = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    out[torch.arange(mask.shape[0], device=mask.device), last] = scores.to(torch.float32)
+    return out

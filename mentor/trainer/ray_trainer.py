@@ -26,7 +26,7 @@ from mentor.config.validate import to_yaml
 from mentor.data.dataset import TOOL_KEYS, ResumableSampler, RLDataset
 from mentor.models.loader import generation_eos_ids, load_tokenizer
 from mentor.protocol import Batch
-from mentor.rewards.inputs import build_reward_inputs
+from mentor.rewards.inputs import build_reward_inputs, place_on_last_token
 from mentor.rewards.loader import builtin_reward_range
 from mentor.rewards.pool import RewardPool
 from mentor.single_controller import WorkerDiedError
@@ -275,10 +275,7 @@ class RayTrainer:
         inputs = build_reward_inputs(texts, batch, self.eos_ids)
         scores, stats = self.reward_pool.score(inputs)
         overall = torch.tensor([s["overall"] for s in scores], dtype=torch.float32)
-        mask = batch["response_mask"]
-        last = (mask.sum(-1) - 1).clamp(min=0)
-        token_scores = torch.zeros(mask.shape, dtype=torch.float32)
-        token_scores[torch.arange(len(batch)), last] = overall
+        token_scores = place_on_last_token(overall, batch["response_mask"])  # [B, Lr]
         batch["token_level_scores"] = token_scores
         batch["token_level_rewards"] = token_scores
         for key in _score_keys(scores):  # overall, accuracy, format + the reward's own sub-scores (tool_match, ...)
