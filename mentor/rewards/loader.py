@@ -16,11 +16,11 @@ Accepted signatures, detected from ``inspect.signature`` or forced with ``reward
 ``reward_type="auto"`` picks verl for three or more required positional parameters (or one named
 ``solution_str``), EasyR1 sequential for a single parameter annotated as a dict, and batch for any
 other single parameter (EasyR1's default). Every form becomes a :class:`BatchRewardFn`: called on a
-list of input dicts (``response``, ``ground_truth``, ``ended_with_eos``, ``data_source`` and, for tool-use
-rows, ``func_schemas`` and ``tool_calls_used``: see :mod:`mentor.rewards.inputs`; verl functions get the
-fields beyond their three positional ones as ``extra_info``) it returns one item per input, a dict with ``overall`` where the function returned one (verl's
-``score`` is copied to ``overall``; a bare number becomes ``{"overall": x}``). Anything else is
-passed through unchanged: :class:`mentor.rewards.pool.RewardPool` validates the items.
+list of input dicts (``response``, ``ground_truth``, ``ended_with_eos``, ``data_source`` and, for
+tool-use rows, ``func_schemas`` and ``tool_calls_used``: see :mod:`mentor.rewards.inputs`; verl functions
+get the fields beyond their three positional ones as ``extra_info``) it returns one item per input, a
+dict with ``overall`` where the function returned one (verl's ``score`` is copied to ``overall``; a bare
+number becomes ``{"overall": x}``). Anything else is passed through unchanged: :class:`mentor.rewards.pool.RewardPool` validates the items.
 
 A BatchRewardFn pickles as its spec string and kwargs and reloads by path on the other side, so it
 can be shipped to worker processes even when the user's module is not importable by name there.

@@ -334,7 +334,8 @@ def check_value(value: Any, schema: Mapping[str, Any], where: str) -> str | None
         types = [types] if isinstance(types, str) else list(types)
         if not any(_fits_type(value, t) for t in types):
             want = " or ".join(types)
-            return f"{where} must be {'an' if want[0] in 'aeiou' else 'a'} {want}, got {_json_type(value)} {value!r}"[:300]
+            article = "an" if want[0] in "aeiou" else "a"
+            return f"{where} must be {article} {want}, got {_json_type(value)} {value!r}"[:300]
     if "enum" in schema and value not in schema["enum"]:
         return f"{where} must be one of {list(schema['enum'])!r}, got {value!r}"[:300]
     if isinstance(value, list) and isinstance(schema.get("items"), Mapping):
