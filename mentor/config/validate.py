@@ -17,7 +17,6 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mentor.config.schema import MentorRunConfig, register_configs
-from mentor.rewards.loader import BUILTIN as BUILTIN_REWARDS
 
 CONFIG_DIR = Path(os.environ.get("MENTOR_CONFIG_DIR", Path(__file__).resolve().parents[2] / "configs"))
 """The yaml directory (``configs/`` at the repo root; override with MENTOR_CONFIG_DIR)."""
@@ -179,6 +178,8 @@ def _resolve_paths(c: MentorRunConfig) -> None:
     if c.worker.rollout.expert.model_path:
         c.worker.rollout.expert.model_path = _model_path(c.worker.rollout.expert.model_path,
                                                          "worker.rollout.expert.model_path")
+    from mentor.rewards.loader import BUILTIN as BUILTIN_REWARDS
+
     rf = c.worker.reward.reward_function
     if rf not in BUILTIN_REWARDS:
         file, sep, fn = rf.rpartition(":")

@@ -55,14 +55,17 @@ def rollout_metrics(batch: Batch, tokenizer: Any, reasoning_words: list[str]) ->
         "actor/entropy": float(masked_mean(batch["entropies"], mask)),
         "critic/advantages_mean": float(masked_mean(batch["advantages"], mask)),
     }
-    for key in [k for k in batch.tensor_keys if k.startswith("reward_")]:  # every sub-score of the reward
-        m[f"reward/{key[len('reward_'):]}"] = float(batch[key].float().mean())
+    for key in ("overall", "accuracy", "format"):
+        m[f"reward/{key}"] = float(batch[f"reward_{key}"].mean())
     for name, rows in (("on", ~mixed), ("mix", mixed)):
         if bool(rows.any()):
             m[f"reward/accuracy_{name}"] = float(batch["reward_accuracy"][rows].mean())
             m[f"reward/overall_{name}"] = float(batch["reward_overall"][rows].mean())
             m[f"response_length/mean_{name}"] = float(lengths[rows].mean())
             m[f"actor/entropy_{name}"] = float(masked_mean(batch["entropies"][rows], mask[rows]))
+    for key in [k for k in batch.tensor_keys if k.startswith("reward_")]:  # the reward's other sub-scores
+        if key[len("reward_"):] not in ("overall", "accuracy", "format"):
+            m[f"reward/{key[len('reward_'):]}"] = float(batch[key].float().mean())
     if reasoning_words:
         texts = tokenizer.batch_decode([r[k.bool()].tolist() for r, k in zip(batch["responses"], mask)],
                                        skip_special_tokens=True)

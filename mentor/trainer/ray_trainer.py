@@ -27,7 +27,6 @@ from mentor.data.dataset import TOOL_KEYS, ResumableSampler, RLDataset
 from mentor.models.loader import generation_eos_ids, load_tokenizer
 from mentor.protocol import Batch
 from mentor.rewards.inputs import build_reward_inputs, place_on_last_token
-from mentor.rewards.loader import builtin_reward_range
 from mentor.rewards.pool import RewardPool
 from mentor.single_controller import WorkerDiedError
 from mentor import algos
@@ -79,9 +78,10 @@ class RayTrainer:
                                resume_lines=tracked.get("metrics_lines"), swanlab_run_id=tracked.get("swanlab_run_id"))
 
     def _default_reward_range(self) -> float:
-        rw = self.config.worker.reward
-        span = builtin_reward_range(rw.reward_function, rw.reward_kwargs)
-        return 1.0 if span is None else span
+        w = self.config.worker.reward.reward_kwargs
+        if self.config.worker.reward.reward_function == "math":
+            return float(w.get("accuracy_weight", 0.9)) + float(w.get("format_weight", 0.1))
+        return 1.0
 
     # ---- the loop ------------------------------------------------------------------------------------------
 
