@@ -287,3 +287,15 @@ def test_the_reward_sits_on_the_last_model_token_even_before_tool_tokens():
                          [0, 0, 0, 0]])   # empty: position 0
     out = place_on_last_token(torch.tensor([0.5, 1.1, 0.1, 0.0]), mask)
     torch.testing.assert_close(out, torch.tensor([[0, 0, 0.5, 0], [0, 0, 0, 1.1], [0, 0.1, 0, 0], [0, 0, 0, 0]]))
+
+
+def test_generation_eos_ids_read_the_generation_config_without_the_weights(tmp_path):
+    from transformers import GenerationConfig
+
+    from mentor.models._tiny_tokenizer import train_tokenizer
+    from mentor.rewards.inputs import generation_eos_ids
+
+    tok = train_tokenizer(["2 + 3 = 5"], vocab_size=100)
+    assert generation_eos_ids(tok, str(tmp_path)) == [tok.eos_token_id]  # no generation_config.json
+    GenerationConfig(eos_token_id=[tok.eos_token_id, 3]).save_pretrained(tmp_path)
+    assert generation_eos_ids(tok, str(tmp_path)) == sorted({tok.eos_token_id, 3})

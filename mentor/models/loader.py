@@ -65,19 +65,6 @@ def eos_token_ids(tokenizer: Any, model: torch.nn.Module) -> list[int]:
     return sorted(ids)
 
 
-def generation_eos_ids(tokenizer: Any, model_path: str) -> list[int]:
-    """:func:`eos_token_ids` without loading the weights: ``generation_config.json`` of ``model_path`` (if any)."""
-    from types import SimpleNamespace
-
-    from transformers import GenerationConfig
-
-    try:
-        gen = GenerationConfig.from_pretrained(model_path)
-    except (OSError, ValueError):  # no generation_config.json: the tokenizer's eos only
-        gen = None
-    return eos_token_ids(tokenizer, SimpleNamespace(generation_config=gen))
-
-
 def check_same_vocabulary(policy_tok: Any, expert_tok: Any, policy_model: torch.nn.Module,
                           expert_model: torch.nn.Module, policy_path: str, expert_path: str) -> None:
     """Token-level mixing needs one vocabulary: equal sizes, equal token -> id maps, equal logits width."""

@@ -13,10 +13,26 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["ROW_KEYS", "build_reward_inputs", "ended_with_eos", "place_on_last_token"]
+__all__ = ["ROW_KEYS", "build_reward_inputs", "ended_with_eos", "generation_eos_ids", "place_on_last_token"]
 
 ROW_KEYS = ("ground_truth", "data_source", "func_schemas", "tool_calls_used")
 """Non-tensor batch keys copied into each reward input when present."""
+
+
+def generation_eos_ids(tokenizer: Any, model_path: str) -> list[int]:
+    """The ids that end a response, as the rollout engines use them (:func:`mentor.models.loader.eos_token_ids`),
+    without loading the weights: the tokenizer's eos plus ``generation_config.json``'s of ``model_path``, if any."""
+    from types import SimpleNamespace
+
+    from transformers import GenerationConfig
+
+    from mentor.models.loader import eos_token_ids
+
+    try:
+        gen = GenerationConfig.from_pretrained(model_path)
+    except (OSError, ValueError):  # no generation_config.json: the tokenizer's eos only
+        gen = None
+    return eos_token_ids(tokenizer, SimpleNamespace(generation_config=gen))
 
 
 def ended_with_eos(responses: Tensor, attention_mask: Tensor, eos_ids: Sequence[int]) -> Tensor:

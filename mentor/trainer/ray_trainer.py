@@ -23,10 +23,10 @@ from tqdm import tqdm
 
 from mentor.config.schema import MentorRunConfig
 from mentor.config.validate import to_yaml
-from mentor.data.dataset import TOOL_KEYS, ResumableSampler, RLDataset
-from mentor.models.loader import generation_eos_ids, load_tokenizer
+from mentor.data.dataset import ResumableSampler, RLDataset
+from mentor.models.loader import load_tokenizer
 from mentor.protocol import Batch
-from mentor.rewards.inputs import build_reward_inputs, place_on_last_token
+from mentor.rewards.inputs import build_reward_inputs, generation_eos_ids, place_on_last_token
 from mentor.rewards.pool import RewardPool
 from mentor.single_controller import WorkerDiedError
 from mentor import algos
@@ -357,6 +357,8 @@ def _prompt_batch(items: list) -> Batch:
     columns = {"prompt_ids": [i.prompt_ids for i in items], "ground_truth": [i.ground_truth for i in items],
                "data_source": [i.data_source for i in items], "uid": [i.uid for i in items]}
     if any(i.has_tools for i in items):
+        from mentor.data.dataset import TOOL_KEYS
+
         for key in TOOL_KEYS:
             columns[key] = [getattr(i, key) for i in items]
     return Batch(non_tensors=columns)
