@@ -56,24 +56,6 @@ class PromptItem:
         return self.func_schemas is not None
 
 
-TOOL_KEYS = ("func_schemas", "env", "tool_calls_used")
-"""Row keys of tool-use rows; they leave ``extra`` and become :class:`PromptItem` fields."""
-
-
-def _tool_fields(row: dict[str, Any], where: str) -> tuple[list[dict[str, Any]] | None, str | None, list[str] | None]:
-    """(schemas, env, teacher names) of a tool-use row, or (None, None, None) for a row without ``func_schemas``."""
-    from mentor.tools.calls import ToolSet, ToolSetError, as_tool_name_list
-
-    if row.get("func_schemas") is None:
-        return None, None, None
-    try:
-        tools = ToolSet.from_row(row["func_schemas"], row.get("env"), where=f"{where}: key 'func_schemas'/'env'")
-        teacher = as_tool_name_list(row.get("tool_calls_used"), where=f"{where}: key 'tool_calls_used'")
-    except ValueError as err:  # ToolSetError is a ValueError
-        raise DataError(str(err)) from err
-    return tools.schemas, tools.env, teacher
-
-
 def _read_jsonl(path: str) -> Iterator[tuple[str, Any]]:
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
@@ -155,6 +137,24 @@ def _text_field(row: Any, key: str, where: str, allow_numbers: bool) -> str:
     return value
 
 
+TOOL_KEYS = ("func_schemas", "env", "tool_calls_used")
+"""Row keys of tool-use rows; they leave ``extra`` and become :class:`PromptItem` fields."""
+
+
+def _tool_fields(row: dict[str, Any], where: str) -> tuple[list[dict[str, Any]] | None, str | None, list[str] | None]:
+    """(schemas, env, teacher names) of a tool-use row, or (None, None, None) for a row without ``func_schemas``."""
+    from mentor.tools.calls import ToolSet, ToolSetError, as_tool_name_list
+
+    if row.get("func_schemas") is None:
+        return None, None, None
+    try:
+        tools = ToolSet.from_row(row["func_schemas"], row.get("env"), where=f"{where}: key 'func_schemas'/'env'")
+        teacher = as_tool_name_list(row.get("tool_calls_used"), where=f"{where}: key 'tool_calls_used'")
+    except ValueError as err:  # ToolSetError is a ValueError
+        raise DataError(str(err)) from err
+    return tools.schemas, tools.env, teacher
+
+
 class RLDataset(torch.utils.data.Dataset):
     """Prompts of one split, tokenized and filtered at construction.
 
@@ -186,9 +186,9 @@ class RLDataset(torch.utils.data.Dataset):
                 continue
             data_source = row.get(data_source_key) or Path(source.split(":")[0]).stem
             extra = {k: v for k, v in row.items() if k not in (prompt_key, answer_key, *TOOL_KEYS)}
+            schemas_json = None if schemas is None else json.dumps(schemas, ensure_ascii=False)
             self.items.append(PromptItem(ids, text, answer, str(data_source), f"{source}:{pos}", extra,
-                                         None if schemas is None else json.dumps(schemas, ensure_ascii=False),
-                                         env, teacher))
+                                         func_schemas=schemas_json, env=env, tool_calls_used=teacher))
             if 0 < max_samples <= len(self.items):
                 break
         if not self.items:
@@ -210,16 +210,16 @@ class RLDataset(torch.utils.data.Dataset):
             return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
         return "\n".join(m["content"] for m in messages) + "\n"
 
-    @property
-    def has_tools(self) -> bool:
-        """True if any prompt is a tool-use row."""
-        return any(item.has_tools for item in self.items)
-
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> PromptItem:
         return self.items[index]
+
+    @property
+    def has_tools(self) -> bool:
+        """True if any prompt is a tool-use row."""
+        return any(item.has_tools for item in self.items)
 
 
 def _load_template(path: str) -> Any:
