@@ -122,21 +122,6 @@ def read_rows(spec: str) -> Iterator[tuple[str, str, Any]]:
             yield part, pos, row
 
 
-def _text_field(row: Any, key: str, where: str, allow_numbers: bool) -> str:
-    if not isinstance(row, dict):
-        raise DataError(f"{where}: expected an object, got {type(row).__name__}")
-    if key not in row:
-        raise DataError(f"{where}: missing key {key!r} (row has {sorted(row)}); set data.prompt_key/answer_key")
-    value = row[key]
-    if allow_numbers and isinstance(value, (int, float)) and not isinstance(value, bool):
-        value = str(value)
-    if not isinstance(value, str):
-        raise DataError(f"{where}: key {key!r} must be a string, got {type(value).__name__}")
-    if not value.strip():
-        raise DataError(f"{where}: key {key!r} is empty")
-    return value
-
-
 TOOL_KEYS = ("func_schemas", "env", "tool_calls_used")
 """Row keys of tool-use rows; they leave ``extra`` and become :class:`PromptItem` fields."""
 
@@ -153,6 +138,21 @@ def _tool_fields(row: dict[str, Any], where: str) -> tuple[list[dict[str, Any]] 
     except ValueError as err:  # ToolSetError is a ValueError
         raise DataError(str(err)) from err
     return tools.schemas, tools.env, teacher
+
+
+def _text_field(row: Any, key: str, where: str, allow_numbers: bool) -> str:
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected an object, got {type(row).__name__}")
+    if key not in row:
+        raise DataError(f"{where}: missing key {key!r} (row has {sorted(row)}); set data.prompt_key/answer_key")
+    value = row[key]
+    if allow_numbers and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        raise DataError(f"{where}: key {key!r} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise DataError(f"{where}: key {key!r} is empty")
+    return value
 
 
 class RLDataset(torch.utils.data.Dataset):
