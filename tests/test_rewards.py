@@ -291,7 +291,7 @@ def test_wrong_signature_error_names_the_function_and_signature(reward_file):
 
 
 def test_bad_spec_kwargs_and_import_errors_name_the_culprit(reward_file, tmp_path):
-    with pytest.raises(RewardFunctionError, match="neither 'math' nor"):
+    with pytest.raises(RewardFunctionError, match="neither a built-in \\('math', 'tool_mentor'.*nor"):
         load_reward_function("my_reward.py")
     with pytest.raises(RewardFunctionError, match=r"does not accept reward kwargs \['nope'\].*reward_kwargs"):
         load_reward_function(f"{reward_file}:verl_score", nope=1)

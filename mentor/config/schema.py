@@ -285,9 +285,12 @@ class RolloutConfig:
 @dataclass
 class RewardConfig:
     reward_function: str = "math"
-    """``math`` (built-in: math-verify accuracy + format) or ``path/to/file.py:fn``."""
-    reward_kwargs: dict[str, Any] = field(default_factory=lambda: {"accuracy_weight": 0.9, "format_weight": 0.1})
-    """Keyword arguments passed to the reward function."""
+    """A built-in: ``math`` (math-verify accuracy + format); tool-use MENTOR's ``tool_mentor`` (official),
+    ``tool_overlap``, ``tool_no_match``, ``tool_f1`` (ablations), ``tool_sparse``; or ``path/to/file.py:fn``."""
+    reward_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments passed to the reward function; empty = its own defaults (math: accuracy_weight 0.9,
+    format_weight 0.1). Hydra merges dicts, so a config built on ``mentor.yaml`` (which sets the math weights)
+    must delete them (``~worker.reward.reward_kwargs.accuracy_weight``) before using a tool reward."""
     num_workers: int = 4
     """Reward worker processes."""
     timeout_s: float = 10.0

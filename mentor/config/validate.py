@@ -271,11 +271,13 @@ def _resolve_paths(c: MentorRunConfig) -> None:
     if c.worker.rollout.expert.model_path:
         c.worker.rollout.expert.model_path = _model_path(c.worker.rollout.expert.model_path,
                                                          "worker.rollout.expert.model_path")
+    from mentor.rewards.loader import BUILTIN as BUILTIN_REWARDS
+
     rf = c.worker.reward.reward_function
-    if rf != "math":
+    if rf not in BUILTIN_REWARDS:
         file, sep, fn = rf.rpartition(":")
         _require(bool(sep and file and fn), "worker.reward.reward_function",
-                 f"{rf!r} is neither 'math' nor 'path/to/file.py:function_name'")
+                 f"{rf!r} is neither a built-in ({', '.join(BUILTIN_REWARDS)}) nor 'path/to/file.py:function_name'")
         c.worker.reward.reward_function = f"{_local_path(file, 'worker.reward.reward_function')}:{fn}"
     out = c.trainer.output_dir or os.path.join("outputs", c.trainer.project_name, c.trainer.experiment_name)
     c.trainer.output_dir = os.path.abspath(os.path.expanduser(out))

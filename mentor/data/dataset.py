@@ -4,6 +4,12 @@ A row needs a question (``prompt_key``) and a gold answer (``answer_key``); the 
 optional jinja format prompt, then the tokenizer's chat template (system prompt of paper App. B by default),
 and is tokenized once at load. Prompts longer than ``max_prompt_length`` are dropped and counted. A bad row
 raises :class:`DataError` naming the file, the line (jsonl, 1-based) or row (json/parquet/HF, 0-based) and the key.
+
+Tool-use rows (arXiv 2510.18383; :mod:`mentor.data.tool_prep` writes them from MENTOR-data) also carry
+``func_schemas`` (OpenAI tool schemas, JSON text or list), ``env`` (the tools' Python source) and
+``tool_calls_used`` (the teacher's tool names). Their prompt is rendered with ``tools=`` the schemas (the chat
+template lists them, as the official ``qwen3_native`` prompt does), and the three fields travel with the
+prompt (:class:`PromptItem`) to the rollout and the reward.
 """
 
 from __future__ import annotations
@@ -31,7 +37,9 @@ class PromptItem:
     Fields: ``prompt_ids`` (list[int], length <= max_prompt_length), ``prompt_text`` (rendered chat text),
     ``ground_truth`` (str), ``data_source`` (str), ``uid`` (stable id ``<source file>:<row>``), ``extra`` (the
     remaining row fields, passed to rewards as ``extra_info``), ``question`` (the raw question), ``solution`` (the
-    expert solution text from ``data.solution_key``, used by LUFFY and QuestA; None when the row has none).
+    expert solution text from ``data.solution_key``, used by LUFFY and QuestA; None when the row has none); tool-use
+    rows only (None otherwise): ``func_schemas`` (canonical JSON text of the tool schemas), ``env`` (Python source of
+    the tools), ``tool_calls_used`` (list of the teacher's tool names).
     """
 
     prompt_ids: list[int]
@@ -42,6 +50,13 @@ class PromptItem:
     extra: dict[str, Any] = field(default_factory=dict)
     question: str = ""
     solution: str | None = None
+    func_schemas: str | None = None
+    env: str | None = None
+    tool_calls_used: list[str] | None = None
+
+    @property
+    def has_tools(self) -> bool:
+        return self.func_schemas is not None
 
 
 def _read_jsonl(path: str) -> Iterator[tuple[str, Any]]:
@@ -110,6 +125,24 @@ def read_rows(spec: str) -> Iterator[tuple[str, str, Any]]:
             yield part, pos, row
 
 
+TOOL_KEYS = ("func_schemas", "env", "tool_calls_used")
+"""Row keys of tool-use rows; they leave ``extra`` and become :class:`PromptItem` fields."""
+
+
+def _tool_fields(row: dict[str, Any], where: str) -> tuple[list[dict[str, Any]] | None, str | None, list[str] | None]:
+    """(schemas, env, teacher names) of a tool-use row, or (None, None, None) for a row without ``func_schemas``."""
+    from mentor.tools.calls import ToolSet, ToolSetError, as_tool_name_list
+
+    if row.get("func_schemas") is None:
+        return None, None, None
+    try:
+        tools = ToolSet.from_row(row["func_schemas"], row.get("env"), where=f"{where}: key 'func_schemas'/'env'")
+        teacher = as_tool_name_list(row.get("tool_calls_used"), where=f"{where}: key 'tool_calls_used'")
+    except ValueError as err:  # ToolSetError is a ValueError
+        raise DataError(str(err)) from err
+    return tools.schemas, tools.env, teacher
+
+
 def _text_field(row: Any, key: str, where: str, allow_numbers: bool) -> str:
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected an object, got {type(row).__name__}")
@@ -165,7 +198,8 @@ class RLDataset(torch.utils.data.Dataset):
             question = _text_field(row, prompt_key, where, allow_numbers=False)
             answer = _text_field(row, answer_key, where, allow_numbers=True)
             solution = _solution_field(row, solution_key, where, require_solution) if solution_key else None
-            text, ids = self.encode(question)
+            schemas, env, teacher = _tool_fields(row, where)
+            text, ids = self.encode(question, tools=schemas)
             if len(ids) > max_prompt_length:
                 if not filter_overlong_prompts:
                     raise DataError(f"{where}: prompt has {len(ids)} tokens > data.max_prompt_length="
@@ -173,9 +207,11 @@ class RLDataset(torch.utils.data.Dataset):
                 self.num_filtered += 1
                 continue
             data_source = row.get(data_source_key) or Path(source.split(":")[0]).stem
-            extra = {k: v for k, v in row.items() if k not in (prompt_key, answer_key)}
+            extra = {k: v for k, v in row.items() if k not in (prompt_key, answer_key, *TOOL_KEYS)}
+            schemas_json = None if schemas is None else json.dumps(schemas, ensure_ascii=False)
             self.items.append(PromptItem(ids, text, answer, str(data_source), f"{source}:{pos}", extra,
-                                         question=question, solution=solution))
+                                         question=question, solution=solution, func_schemas=schemas_json, env=env,
+                                         tool_calls_used=teacher))
             if 0 < max_samples <= len(self.items):
                 break
         if not self.items:
@@ -185,19 +221,21 @@ class RLDataset(torch.utils.data.Dataset):
             logger.info("%s: filtered %d prompts longer than %d tokens; %d kept", data_files, self.num_filtered,
                         max_prompt_length, len(self.items))
 
-    def render(self, question: str) -> str:
-        """Question -> chat text ending with the assistant generation prompt."""
+    def render(self, question: str, tools: list[dict[str, Any]] | None = None) -> str:
+        """Question -> chat text ending with the assistant generation prompt; ``tools`` (OpenAI schemas) go to
+        the chat template's ``tools=`` (a template without tool support ignores them)."""
         content = self.template.render(content=question) if self.template else question
         messages = [{"role": "user", "content": content}]
         if self.system_prompt:
             messages.insert(0, {"role": "system", "content": self.system_prompt})
         if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            kwargs = {"tools": tools} if tools else {}
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
         return "\n".join(m["content"] for m in messages) + "\n"
 
-    def encode(self, question: str) -> tuple[str, list[int]]:
-        """Question -> (chat text, prompt token ids)."""
-        text = self.render(question)
+    def encode(self, question: str, tools: list[dict[str, Any]] | None = None) -> tuple[str, list[int]]:
+        """Question -> (chat text, prompt token ids); ``tools`` as in ``render``."""
+        text = self.render(question, tools=tools)
         return text, self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def __len__(self) -> int:
@@ -205,6 +243,11 @@ class RLDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> PromptItem:
         return self.items[index]
+
+    @property
+    def has_tools(self) -> bool:
+        """True if any prompt is a tool-use row."""
+        return any(item.has_tools for item in self.items)
 
 
 def _load_template(path: str) -> Any:

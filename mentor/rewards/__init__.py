@@ -1,7 +1,8 @@
-"""Rewards: the built-in math reward, a loader for ``file.py:fn`` rewards, and a process pool.
+"""Rewards: the built-in math reward, the tool-use MENTOR rewards, a loader for ``file.py:fn`` rewards, the
+reward-input builder and a process pool.
 
-The math reward (``mentor.rewards.math.compute_score``) is imported only when loaded (the spec
-``"math"``), so importing this package stays cheap: math-verify pulls in sympy.
+Built-ins (``mentor.rewards.math``, ``mentor.rewards.tool``) are imported only when loaded by name
+(``"math"``, ``"tool_mentor"``, ...), so importing this package stays cheap: math-verify pulls in sympy.
 """
 
 from mentor.rewards.loader import BatchRewardFn, RewardFunctionError, load_reward_function

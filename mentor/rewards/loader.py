@@ -1,7 +1,9 @@
 """Load a reward function from a spec string and normalise it to one batch signature.
 
-Spec: ``"math"`` (the built-in :func:`mentor.rewards.math.compute_score`) or
-``"path/to/file.py:fn_name"`` (config key ``worker.reward.reward_function``).
+Spec: a built-in name or ``"path/to/file.py:fn_name"`` (config key ``worker.reward.reward_function``).
+Built-ins (:data:`BUILTIN`): ``"math"`` (:func:`mentor.rewards.math.compute_score`) and the tool-use MENTOR
+rewards of :mod:`mentor.rewards.tool`: ``"tool_mentor"`` (the official one), ``"tool_overlap"``,
+``"tool_no_match"``, ``"tool_f1"`` (its ablations) and ``"tool_sparse"`` (the sparse baseline).
 
 Accepted signatures, detected from ``inspect.signature`` or forced with ``reward_type``:
 
@@ -14,10 +16,11 @@ Accepted signatures, detected from ``inspect.signature`` or forced with ``reward
 ``reward_type="auto"`` picks verl for three or more required positional parameters (or one named
 ``solution_str``), EasyR1 sequential for a single parameter annotated as a dict, and batch for any
 other single parameter (EasyR1's default). Every form becomes a :class:`BatchRewardFn`: called on a
-list of input dicts (``response``, ``ground_truth``, optionally ``data_source``, ``extra_info``) it
-returns one item per input, a dict with ``overall`` where the function returned one (verl's
-``score`` is copied to ``overall``; a bare number becomes ``{"overall": x}``). Anything else is
-passed through unchanged: :class:`mentor.rewards.pool.RewardPool` validates the items.
+list of input dicts (``response``, ``ground_truth``, ``ended_with_eos``, ``data_source`` and, for
+tool-use rows, ``func_schemas`` and ``tool_calls_used``: see :mod:`mentor.rewards.inputs`; verl functions
+get the fields beyond their three positional ones as ``extra_info``) it returns one item per input, a
+dict with ``overall`` where the function returned one (verl's ``score`` is copied to ``overall``; a bare
+number becomes ``{"overall": x}``). Anything else is passed through unchanged: :class:`mentor.rewards.pool.RewardPool` validates the items.
 
 A BatchRewardFn pickles as its spec string and kwargs and reloads by path on the other side, so it
 can be shipped to worker processes even when the user's module is not importable by name there.
@@ -38,7 +41,28 @@ from typing import Any
 
 CONFIG_KEY = "worker.reward.reward_function"
 REWARD_TYPES = ("auto", "batch", "sequential")
-BUILTIN = {"math": ("mentor.rewards.math", "compute_score")}
+BUILTIN = {
+    "math": ("mentor.rewards.math", "compute_score"),
+    "tool_mentor": ("mentor.rewards.tool", "compute_score"),
+    "tool_overlap": ("mentor.rewards.tool", "compute_score_overlap"),
+    "tool_no_match": ("mentor.rewards.tool", "compute_score_no_match"),
+    "tool_f1": ("mentor.rewards.tool", "compute_score_f1"),
+    "tool_sparse": ("mentor.rewards.tool", "compute_score_sparse"),
+}
+"""Built-in reward name -> (module, function); modules are imported only when their reward is loaded."""
+_BUILTIN_NAMES = "', '".join(BUILTIN)
+
+
+def builtin_reward_range(spec: str, kwargs: Mapping[str, Any] | None = None) -> float | None:
+    """max - min of a built-in reward under ``kwargs`` (``worker.reward.reward_kwargs``); None for a user file."""
+    kwargs = kwargs or {}
+    if spec == "math":
+        return float(kwargs.get("accuracy_weight", 0.9)) + float(kwargs.get("format_weight", 0.1))
+    if spec in BUILTIN:
+        from mentor.rewards.tool import REWARD_RANGES
+
+        return REWARD_RANGES[spec]
+    return None
 
 
 class RewardFunctionError(ValueError):
@@ -65,7 +89,7 @@ class BatchRewardFn:
         for item in reward_inputs:
             args = [item.get("data_source", ""), item.get("response", ""), item.get("ground_truth")]
             if self._pass_extra_info:
-                args.append(item.get("extra_info"))
+                args.append(_extra_info(item))
             scores.append(_as_score(self._fn(*args)))
         return scores
 
@@ -74,6 +98,13 @@ class BatchRewardFn:
 
     def __repr__(self) -> str:
         return f"BatchRewardFn({self.spec!r}, style={self.style!r}, kwargs={self.kwargs!r})"
+
+
+def _extra_info(item: Mapping[str, Any]) -> dict[str, Any]:
+    """verl's ``extra_info``: the input's own, else its other fields (``ended_with_eos``, ``tool_calls_used``, ...)."""
+    if item.get("extra_info") is not None:
+        return item["extra_info"]
+    return {k: v for k, v in item.items() if k not in ("data_source", "response", "ground_truth")}
 
 
 def _reload(spec: str, style: str, kwargs: dict[str, Any]) -> BatchRewardFn:
@@ -91,7 +122,7 @@ def _as_score(value: Any) -> Any:
 
 
 def load_reward_function(spec: str, reward_type: str = "auto", **kwargs: Any) -> BatchRewardFn:
-    """Load ``spec`` (``"math"`` or ``"file.py:fn"``) as a :class:`BatchRewardFn`.
+    """Load ``spec`` (a :data:`BUILTIN` name or ``"file.py:fn"``) as a :class:`BatchRewardFn`.
 
     ``kwargs`` are bound to the function as keyword arguments (``worker.reward.reward_kwargs``).
     Raises :class:`RewardFunctionError` naming the file / function / signature at fault.
@@ -99,7 +130,8 @@ def load_reward_function(spec: str, reward_type: str = "auto", **kwargs: Any) ->
     if reward_type not in REWARD_TYPES:
         raise RewardFunctionError(f"reward_type={reward_type!r} is not one of {REWARD_TYPES}")
     if not isinstance(spec, str) or not spec.strip():
-        raise RewardFunctionError(f"{CONFIG_KEY}={spec!r}: expected 'math' or 'path/to/file.py:function_name'")
+        raise RewardFunctionError(f"{CONFIG_KEY}={spec!r}: expected a built-in ('{_BUILTIN_NAMES}') or "
+                                  f"'path/to/file.py:function_name'")
     spec = spec.strip()
     if spec in BUILTIN:
         module_name, fn_name = BUILTIN[spec]
@@ -119,7 +151,7 @@ def _split_spec(spec: str) -> tuple[str, str]:
     path, sep, fn_name = spec.rpartition(":")
     if not sep or not path or not fn_name.isidentifier():
         raise RewardFunctionError(
-            f"{CONFIG_KEY}={spec!r} is neither 'math' nor 'path/to/file.py:function_name' "
+            f"{CONFIG_KEY}={spec!r} is neither a built-in ('{_BUILTIN_NAMES}') nor 'path/to/file.py:function_name' "
             f"(e.g. examples/reward_function/math.py:compute_score)"
         )
     return os.path.abspath(os.path.expanduser(path)), fn_name

@@ -66,11 +66,17 @@ def rollout_metrics(batch: Batch, tokenizer: Any, reasoning_words: list[str]) ->
             m[f"reward/overall_{name}"] = float(batch["reward_overall"][rows].mean())
             m[f"response_length/mean_{name}"] = float(lengths[rows].mean())
             m[f"actor/entropy_{name}"] = float(masked_mean(batch["entropies"][rows], mask[rows]))
+    for key in [k for k in batch.tensor_keys if k.startswith("reward_")]:  # the reward's other sub-scores
+        if key[len("reward_"):] not in ("overall", "accuracy", "format"):
+            m[f"reward/{key[len('reward_'):]}"] = float(batch[key].float().mean())
     if reasoning_words:
         texts = tokenizer.batch_decode([r[k.bool()].tolist() for r, k in zip(batch["responses"], mask)],
                                        skip_special_tokens=True)
         m.update(reasoning_word_rates(texts, reasoning_words))
     return m
+
+
+_VAL_CORE_KEYS = ("accuracy", "overall", "length", "format")
 
 
 def validation_metrics(results: dict[str, dict[str, np.ndarray]], prompts: Batch, n: int) -> dict[str, float]:
@@ -87,6 +93,10 @@ def validation_metrics(results: dict[str, dict[str, np.ndarray]], prompts: Batch
             out[f"val/{prefix}reward"] = float(g["overall"][rows].mean())
             out[f"val/{prefix}response_length"] = float(g["length"][rows].mean())
         s = results["sampled"]
+        # the reward's other sub-scores (tool_match, no_hallucination, ...): greedy if run, else the sampled mean
+        sub = results.get("greedy", s)
+        for key in [k for k in sub if k not in _VAL_CORE_KEYS]:
+            out[f"val/{prefix}{key}"] = float(sub[key].reshape(len(rows), -1)[rows].mean())
         acc = s["accuracy"].reshape(-1, n)[rows]  # [P, n]
         correct = (acc > 0.5).sum(-1)
         out[f"val/{prefix}avg@{n}"] = float(acc.mean())

@@ -32,6 +32,7 @@ from mentor.data.dataset import ResumableSampler, RLDataset
 from mentor.data.questa import hinted_items
 from mentor.models.loader import load_tokenizer
 from mentor.protocol import Batch
+from mentor.rewards.inputs import build_reward_inputs, generation_eos_ids, place_on_last_token
 from mentor.rewards.pool import RewardPool
 from mentor.single_controller import WorkerDiedError
 from mentor import algos
@@ -56,6 +57,7 @@ class RayTrainer:
         self.config = c = config
         self.wg = worker_group
         self.tokenizer = load_tokenizer(c.worker.actor.model_path)
+        self.eos_ids = generation_eos_ids(self.tokenizer, c.worker.actor.model_path)  # rewards: ended_with_eos
         d = c.data
         kw = dict(prompt_key=d.prompt_key, answer_key=d.answer_key, data_source_key=d.data_source_key,
                   format_prompt=d.format_prompt, system_prompt=d.system_prompt, max_prompt_length=d.max_prompt_length,
@@ -302,17 +304,13 @@ class RayTrainer:
     def compute_rewards(self, batch: Batch, metrics: dict[str, Any]) -> None:
         """Scores from the reward pool, placed on each response's last token: ``token_level_scores`` [B, Lr]."""
         texts = self.tokenizer.batch_decode(_response_ids(batch), skip_special_tokens=True)
-        inputs = [{"response": t, "ground_truth": gt, "data_source": ds}
-                  for t, gt, ds in zip(texts, batch["ground_truth"], batch["data_source"])]
+        inputs = build_reward_inputs(texts, batch, self.eos_ids)
         scores, stats = self.reward_pool.score(inputs)
         overall = torch.tensor([s["overall"] for s in scores], dtype=torch.float32)
-        mask = batch["response_mask"]
-        last = (mask.sum(-1) - 1).clamp(min=0)
-        token_scores = torch.zeros(mask.shape, dtype=torch.float32)
-        token_scores[torch.arange(len(batch)), last] = overall
+        token_scores = place_on_last_token(overall, batch["response_mask"])  # [B, Lr]
         batch["token_level_scores"] = token_scores
         batch["token_level_rewards"] = token_scores
-        for key in ("overall", "accuracy", "format"):
+        for key in _score_keys(scores):  # overall, accuracy, format + the reward's own sub-scores (tool_match, ...)
             batch[f"reward_{key}"] = torch.tensor([float(s.get(key, 0.0)) for s in scores])
         metrics.update(stats.as_metrics())
 
@@ -345,12 +343,11 @@ class RayTrainer:
 
     def _val_scores(self, batch: Batch) -> dict[str, np.ndarray]:
         texts = self.tokenizer.batch_decode(_response_ids(batch), skip_special_tokens=True)
-        inputs = [{"response": t, "ground_truth": gt, "data_source": ds}
-                  for t, gt, ds in zip(texts, batch["ground_truth"], batch["data_source"])]
+        inputs = build_reward_inputs(texts, batch, self.eos_ids)
         scores, _ = self.reward_pool.score(inputs)
-        return {"accuracy": np.array([s.get("accuracy", 0.0) for s in scores], dtype=float),
-                "overall": np.array([s["overall"] for s in scores], dtype=float),
-                "length": batch["response_mask"].sum(-1).numpy().astype(float)}
+        out = {key: np.array([s.get(key, 0.0) for s in scores], dtype=float) for key in _score_keys(scores)}
+        out["length"] = batch["response_mask"].sum(-1).numpy().astype(float)
+        return out
 
 
 class TrainingAborted(RuntimeError):
@@ -389,8 +386,22 @@ class _StopOnSignal:
 
 
 def _prompt_batch(items: list) -> Batch:
-    return Batch(non_tensors={"prompt_ids": [i.prompt_ids for i in items], "ground_truth": [i.ground_truth for i in items],
-                              "data_source": [i.data_source for i in items], "uid": [i.uid for i in items]})
+    """Non-tensors ``prompt_ids``, ``ground_truth``, ``data_source``, ``uid``; with any tool-use row also
+    ``func_schemas``, ``env``, ``tool_calls_used`` (None on rows without tools)."""
+    columns = {"prompt_ids": [i.prompt_ids for i in items], "ground_truth": [i.ground_truth for i in items],
+               "data_source": [i.data_source for i in items], "uid": [i.uid for i in items]}
+    if any(i.has_tools for i in items):
+        from mentor.data.dataset import TOOL_KEYS
+
+        for key in TOOL_KEYS:
+            columns[key] = [getattr(i, key) for i in items]
+    return Batch(non_tensors=columns)
+
+
+def _score_keys(scores: list[dict[str, float]]) -> list[str]:
+    """``overall``, ``accuracy``, ``format`` and every other sub-score the reward returned (the pool gives all
+    items the same keys)."""
+    return list(dict.fromkeys(["overall", "accuracy", "format", *(scores[0] if scores else {})]))
 
 
 def _response_ids(batch: Batch) -> list[list[int]]:
