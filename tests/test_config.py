@@ -181,8 +181,12 @@ def test_derived_world_size_of_local_mode_is_one_rank():
 
 def test_derived_reward_range_follows_the_reward_weights():
     assert validate(compose("llama3.1_8b")).derived.reward_range == pytest.approx(1.0)  # 0.8 + 0.2
-    c = validate(compose("tiny_cpu", ["worker.reward.reward_kwargs={accuracy_weight: 2.0}"]))
+    # reward_kwargs defaults to {} (each reward's own defaults apply): a weight is added with Hydra's `+`
+    c = validate(compose("tiny_cpu", ["+worker.reward.reward_kwargs.accuracy_weight=2.0"]))
     assert c.derived.reward_range == pytest.approx(2.1)  # 2.0 + the function's default format_weight 0.1
+    # tool-use MENTOR: 0.7 C + 0.3 M + 0.1 H spans [0, 1.1]
+    c = validate(compose("tiny_cpu", ["worker.reward.reward_function=tool_mentor"]))
+    assert c.derived.reward_range == pytest.approx(1.1)
     assert validate(compose("tiny_cpu", ["algorithm.mentor.reward_range=3"])).derived.reward_range == 3.0
 
 

@@ -116,18 +116,12 @@ def world_layout(c: MentorRunConfig) -> tuple[int, int]:
 
 
 def default_reward_range(function: str, kwargs: dict[str, Any]) -> float:
-    """max - min of the reward: for the built-in math reward overall = w_acc * acc + w_fmt * fmt with acc, fmt in
-    {0, 1}, so the span is |w_acc| + |w_fmt| (defaults from its signature: 0.9 + 0.1 = 1.0); 1.0 for a custom one."""
-    if function != "math":
-        return 1.0
-    import inspect
+    """max - min of the reward when ``algorithm.mentor.reward_range`` is unset: the built-in reward's own span
+    (``mentor.rewards.loader.builtin_reward_range``), 1.0 for a user reward file."""
+    from mentor.rewards.loader import builtin_reward_range
 
-    from mentor.rewards.math import compute_score
-
-    defaults = {k: p.default for k, p in inspect.signature(compute_score).parameters.items()
-                if p.default is not inspect.Parameter.empty}
-    weights = [float(kwargs.get(k, defaults[k])) for k in ("accuracy_weight", "format_weight")]
-    return sum(abs(w) for w in weights)
+    span = builtin_reward_range(function, kwargs)
+    return 1.0 if span is None else span
 
 
 def derive(c: MentorRunConfig) -> DerivedConfig:

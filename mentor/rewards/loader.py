@@ -57,7 +57,15 @@ def builtin_reward_range(spec: str, kwargs: Mapping[str, Any] | None = None) -> 
     """max - min of a built-in reward under ``kwargs`` (``worker.reward.reward_kwargs``); None for a user file."""
     kwargs = kwargs or {}
     if spec == "math":
-        return float(kwargs.get("accuracy_weight", 0.9)) + float(kwargs.get("format_weight", 0.1))
+        # overall = w_acc * acc + w_fmt * fmt with acc, fmt in {0, 1}: the span is |w_acc| + |w_fmt|, with the
+        # weights' defaults read from compute_score's signature (0.9 + 0.1 = 1.0)
+        import inspect
+
+        from mentor.rewards.math import compute_score
+
+        defaults = {k: p.default for k, p in inspect.signature(compute_score).parameters.items()
+                    if p.default is not inspect.Parameter.empty}
+        return sum(abs(float(kwargs.get(k, defaults[k]))) for k in ("accuracy_weight", "format_weight"))
     if spec in BUILTIN:
         from mentor.rewards.tool import REWARD_RANGES
 
