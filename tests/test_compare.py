@@ -151,7 +151,8 @@ def test_summary_of_one_run_from_its_metrics():
     assert s["sec_per_step"] == pytest.approx(2.0)       # (2 + 3 + 2 + 1) / 4
     assert s["rollouts"] == [8, 8, 4, 4]                 # 4 + 4 while alpha > 0, then keep: 4
     assert s["curve"] == [[0, 0.2], [2, 0.6], [4, 0.5]]
-    assert s["diagnostics"] == {"mentor/accept_rate": pytest.approx(0.8)}  # (0.9 + 0.7) / 2 over alpha > 0
+    assert s["diagnostics"] == {"mentor/accept_rate (alpha > 0)": pytest.approx(0.8),  # (0.9 + 0.7) / 2
+                                "actor/entropy": pytest.approx(0.35)}
 
 
 def test_mean_std_over_seeds_uses_ddof_one():

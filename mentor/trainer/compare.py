@@ -255,13 +255,22 @@ def rollouts_per_prompt(config: dict[str, Any], alpha: float) -> int:
     return n
 
 
+GUIDED_DIAGNOSTICS = ("mentor/accept_rate", "mentor/guided_frac", "mentor/mean_w", "actor/entropy_on",
+                      "actor/entropy_mix", "critic/advantages_mean_mix", "reward/accuracy_mix", "reward/accuracy_on")
+"""Means over a run's steps with alpha > 0 in results.json: why MENTOR wins or loses (accept rate, guided
+fraction, entropy and advantages of the mixed rows)."""
+RUN_DIAGNOSTICS = ("reward/accuracy_on", "reward/accuracy_expert", "actor/entropy", "actor/pg_clipfrac")
+"""Means over all training steps of every run, in results.json."""
+
+
 def summarize_run(rows: list[dict[str, Any]], config: dict[str, Any]) -> dict[str, Any]:
     """One run's numbers from its metrics rows (and resolved config, for the rollouts per prompt).
 
     ``final_val``: greedy val accuracy at the last evaluation; ``best_val`` / ``mean_val``: max / mean over the
     evaluations after step 0; ``pass_at_k``: val pass@k of the last evaluation at the largest k; ``entropy``: mean
     ``actor/entropy`` over the last ENTROPY_TAIL steps; ``sec_per_step``: mean ``timing_s/step``; ``rollouts``: per
-    training step; ``curve``: [[step, val accuracy]]; ``diagnostics``: MENTOR means over the steps with alpha > 0.
+    training step; ``curve``: [[step, val accuracy]]; ``diagnostics``: means of GUIDED_DIAGNOSTICS over the steps with alpha > 0
+    (keys suffixed `` (alpha > 0)``) and of RUN_DIAGNOSTICS over all steps.
     """
     evals = [r for r in rows if r.get("val/accuracy") is not None]
     trained = [r for r in evals if r["step"] >= 1]
@@ -275,11 +284,10 @@ def summarize_run(rows: list[dict[str, Any]], config: dict[str, Any]) -> dict[st
         return sum(xs) / len(xs) if xs else None
 
     diagnostics = {}
-    for key in ("mentor/accept_rate", "mentor/guided_frac", "actor/entropy_mix", "critic/advantages_mean_mix",
-                "reward/accuracy_mix", "reward/accuracy_on"):
-        vals = [r[key] for r in guided if key in r]
+    for key, over in [*((k, guided) for k in GUIDED_DIAGNOSTICS), *((k, train) for k in RUN_DIAGNOSTICS)]:
+        vals = [r[key] for r in over if key in r]
         if vals:
-            diagnostics[key] = mean(vals)
+            diagnostics[key if over is train else f"{key} (alpha > 0)"] = mean(vals)
     return {
         "steps": train[-1]["step"] if train else 0,
         "final_val": evals[-1]["val/accuracy"] if evals else None,
