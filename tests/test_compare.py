@@ -185,8 +185,8 @@ def test_aggregate_over_two_seeds():
 def test_table_shows_mean_std_rollouts_and_says_when_the_budget_is_not_equal():
     table = cmp.render_table(_two_method_agg())
     lines = table.splitlines()
-    assert lines[0] == ("| method | seeds | rollouts / prompt | final val | best val | mean of evals | pass@2 | entropy "
-                        "| s / step |")
+    assert lines[0] == ("| method | seeds | rollouts / prompt | final val | best val | mean of evals | pass@2 "
+                        "| entropy | s / step |")
     assert lines[2] == ("| mentor_keep | 2 | 8 → 4 (mean 6.0) | 0.600 ± 0.141 | 0.650 ± 0.071 | 0.600 ± 0.071 "
                         "| 0.800 ± 0.000 | 0.3500 ± 0.0000 | 2.00 ± 0.00 |")
     assert lines[3] == "| grpo | 1 | 8 | 0.600 | 0.600 | 0.600 | 0.800 | 0.3500 | 2.00 |"  # one seed: no std
@@ -226,7 +226,8 @@ def test_two_methods_one_seed_two_steps_end_to_end(tiny_assets, tmp_path):
     if cmp.unknown_keys(base, list(cmp.method_overrides("mentor"))):
         methods = ["grpo", "grpo_half"]  # trainer without after_alpha_zero: still exercise two methods
     fast = ["trainer.logger=[jsonl]", "trainer.use_ray=false", "trainer.n_gpus_per_node=1", "data.max_val_samples=16",
-            "worker.rollout.val.n=2", "trainer.val_freq=2", "trainer.val_before_train=false", "data.rollout_batch_size=8"]
+            "worker.rollout.val.n=2", "trainer.val_freq=2", "trainer.val_before_train=false",
+            "data.rollout_batch_size=8"]
     cmd = [sys.executable, "-m", "mentor.trainer.compare", "--methods", ",".join(methods), "--seeds", "1",
            "--steps", "2", "--out", str(tmp_path), *fast]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -269,8 +269,8 @@ def summarize_run(rows: list[dict[str, Any]], config: dict[str, Any]) -> dict[st
     ``final_val``: greedy val accuracy at the last evaluation; ``best_val`` / ``mean_val``: max / mean over the
     evaluations after step 0; ``pass_at_k``: val pass@k of the last evaluation at the largest k; ``entropy``: mean
     ``actor/entropy`` over the last ENTROPY_TAIL steps; ``sec_per_step``: mean ``timing_s/step``; ``rollouts``: per
-    training step; ``curve``: [[step, val accuracy]]; ``diagnostics``: means of GUIDED_DIAGNOSTICS over the steps with alpha > 0
-    (keys suffixed `` (alpha > 0)``) and of RUN_DIAGNOSTICS over all steps.
+    training step; ``curve``: [[step, val accuracy]]; ``diagnostics``: means of GUIDED_DIAGNOSTICS over the steps
+    with alpha > 0 (keys suffixed `` (alpha > 0)``) and of RUN_DIAGNOSTICS over all steps.
     """
     evals = [r for r in rows if r.get("val/accuracy") is not None]
     trained = [r for r in evals if r["step"] >= 1]
@@ -443,13 +443,16 @@ def list_methods() -> str:
     for name, m in METHODS.items():
         lines.append(f"{name}: {m.doc}")
         for b in BUDGETS:
-            lines.append(f"    --budget {b}: " + " ".join(f"{k}={_value(v)}" for k, v in m.overrides(BUDGETS[b]).items()))
+            sets = m.overrides(BUDGETS[b])
+            lines.append(f"    --budget {b}: " + " ".join(f"{k}={_value(v)}" for k, v in sets.items()))
     return "\n".join(lines)
 
 
 def compare(config_name: str, methods: list[str], seeds: list[int], out_dir: str, overrides: list[str],
             budget: str = "equal", variant: str = "default", steps: int | None = None, jobs: int = 1,
-            nice: bool = False) -> str:
+            nice: bool = False, command: str = "") -> str:
+    """Run the missing runs, then write results.json, table.md and curves.png; returns the table.
+    Raises CompareError before any run when a method or override cannot run; RuntimeError when runs failed."""
     out_dir = os.path.abspath(out_dir)
     specs = plan_runs(methods, seeds, out_dir, overrides, budget, variant, steps)
     last = preflight(config_name, specs, budget)
@@ -466,7 +469,7 @@ def compare(config_name: str, methods: list[str], seeds: list[int], out_dir: str
             logger.info("%s seed %d: %s in %.0f s", spec.method, spec.seed, status, secs)
             if code != 0 or not is_complete(spec.run_dir, last[spec.method]):
                 failed.append(spec)
-    header = {"command": " ".join(["python -m mentor.trainer.compare", *sys.argv[1:]]) if sys.argv else "",
+    header = {"command": command,
               "config_name": config_name, "variant": variant, "budget": budget, "budgets": BUDGETS[budget]._asdict(),
               "seeds": seeds, "overrides": overrides, "steps": steps,
               "incomplete": [f"{s.method}/seed{s.seed}" for s in failed]}
@@ -508,9 +511,10 @@ def main(argv: list[str] | None = None) -> int:
     from mentor.trainer.main import setup_logging
 
     setup_logging()
+    command = " ".join(["python -m mentor.trainer.compare", *(sys.argv[1:] if argv is None else argv)])
     try:
         compare(args.config_name, [m for m in args.methods.split(",") if m], args.seeds, args.out, args.overrides,
-                args.budget, args.variant, args.steps, args.jobs, args.nice)
+                args.budget, args.variant, args.steps, args.jobs, args.nice, command)
     except (CompareError, ConfigError) as err:
         logger.error("%s", err)
         return 2
