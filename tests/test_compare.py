@@ -245,3 +245,24 @@ def test_two_methods_one_seed_two_steps_end_to_end(tiny_assets, tmp_path):
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and again.stderr.count("is complete") == 2, again.stderr[-2000:]
     assert took < 120, f"smoke took {took:.0f} s"
+
+
+def test_complete_runs_are_skipped_failed_ones_reported_and_the_rest_still_tabulated(tmp_path, monkeypatch):
+    launched = []
+
+    def fake_launch(config_name, spec, nice):
+        launched.append((spec.method, spec.seed))
+        if spec.seed == 2:
+            return spec, 1, 0.0  # crashed: wrote nothing
+        _write_run(Path(spec.run_dir), _run_rows(0.5), _cfg("grpo", n=8))
+        return spec, 0, 0.0
+
+    monkeypatch.setattr(cmp, "launch", fake_launch)
+    done = tmp_path / "runs" / "grpo" / "seed1"
+    _write_run(done, _run_rows(0.9), _cfg("grpo", n=8))  # finished earlier: reaches step 4 = --steps
+    with pytest.raises(RuntimeError, match=r"1 run\(s\) did not finish: \['grpo/seed2'\]"):
+        cmp.compare("tiny_cpu", ["grpo"], [1, 2, 3], str(tmp_path), [], steps=4)
+    assert launched == [("grpo", 2), ("grpo", 3)]
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert sorted(res["methods"]["grpo"]["seeds"]) == ["1", "3"] and res["incomplete"] == ["grpo/seed2"]
+    assert res["methods"]["grpo"]["aggregate"]["final_val"]["mean"] == pytest.approx(0.7)  # (0.9 + 0.5) / 2

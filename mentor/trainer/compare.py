@@ -227,12 +227,13 @@ def launch(config_name: str, spec: RunSpec, nice: bool) -> tuple[RunSpec, int, f
     """Run one training in a subprocess (its own Ray / torch state); returns (spec, exit code, seconds)."""
     os.makedirs(spec.run_dir, exist_ok=True)
     cmd = [sys.executable, "-m", "mentor.trainer.main", "--config-name", config_name, *spec.overrides]
+    if nice:  # the nice binary, not preexec_fn: launches come from a thread pool, where preexec_fn can deadlock
+        cmd = ["nice", "-n", "10", *cmd]
     t0 = time.perf_counter()
     with open(os.path.join(spec.run_dir, "train.log"), "w") as log:
         log.write("$ " + " ".join(cmd) + "\n")
         log.flush()
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT,
-                              preexec_fn=(lambda: os.nice(10)) if nice else None)
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
     return spec, proc.returncode, time.perf_counter() - t0
 
 
