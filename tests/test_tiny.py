@@ -57,6 +57,48 @@ def test_splits_are_seeded_disjoint_and_every_solution_is_formatted_and_right():
         assert FORMAT_RE.match(r["solution"]) and extract_boxed(r["solution"]) == r["answer"] == str(a + b)
 
 
+def test_carries_are_counted_per_column_including_the_final_one():
+    assert synthetic.count_carries(47, 385) == 2   # 7+5=12 carry, 4+8+1=13 carry, 0+3+1=4
+    assert synthetic.count_carries(999, 1) == 3    # 9+1=10, 9+0+1=10, 9+0+1=10: the last carry is the leading 1
+    assert synthetic.count_carries(123, 456) == 0
+
+
+def test_min_carries_keeps_only_long_chains_and_zero_leaves_the_default_splits_unchanged():
+    train, val = synthetic.make_splits(seed=3, n_train=300, n_val=50, min_carries=2)
+    for r in train + val:
+        a, b = map(int, re.fullmatch(r"What is (\d+) \+ (\d+)\?", r["problem"]).groups())
+        assert synthetic.count_carries(a, b) >= 2, r["problem"]
+    assert synthetic.make_splits(seed=3, n_train=300, n_val=50, min_carries=0) == \
+        synthetic.make_splits(seed=3, n_train=300, n_val=50)
+
+
+def test_hard_variant_has_its_own_dir_config_and_resolver_paths(tmp_path, monkeypatch):
+    from mentor.config.validate import _tiny_resolver
+
+    monkeypatch.setenv("MENTOR_TINY_DIR", str(tmp_path))
+    assert tiny_paths(variant="hard")["root"] == tmp_path / f"{tiny.VERSION}-seed0-hard"
+    assert tiny.default_dir(seed=1, quick=True, variant="hard").name == f"{tiny.VERSION}-seed1-hard-quick"
+    assert tiny_paths()["root"] == tmp_path / f"{tiny.VERSION}-seed0"  # the default variant's dir is unchanged
+    hard = tiny.variant_config("hard")
+    assert (hard.forget_carry, hard.min_carries) == (0.97, 2)
+    assert tiny.variant_config() == tiny.TinyBuildConfig()
+    assert _tiny_resolver("hard_policy") == str(tmp_path / f"{tiny.VERSION}-seed0-hard" / "policy")
+    assert _tiny_resolver("policy") == str(tmp_path / f"{tiny.VERSION}-seed0" / "policy")
+    with pytest.raises(ValueError, match="variant 'easy'"):
+        tiny.variant_config("easy")
+
+
+def test_hard_variant_policy_almost_never_solves_what_the_expert_solves():
+    # targets of the hard variant (issue 13): policy pass@8 at T=1 <= 0.05, expert >= 0.95 (seed 0 measured 0.000 /
+    # 0.992). Reads the cached build's report: building it takes ~5 CPU minutes, too long for the suite.
+    report = tiny_paths(variant="hard")["report"]
+    if not report.exists():
+        pytest.skip(f"hard tiny variant not built ({report}); python -m mentor.models.tiny --variant hard")
+    models = json.loads(report.read_text())["models"]
+    assert models["policy"]["pass@8"] <= 0.05
+    assert models["expert"]["pass@8"] >= 0.95 and models["expert"]["greedy_acc"] >= 0.95
+
+
 def test_sft_stream_never_yields_a_val_problem():
     _, val = synthetic.make_splits(seed=0, n_train=10, n_val=200)
     val_problems = {r["problem"] for r in val}
@@ -180,7 +222,7 @@ def test_cached_assets_are_returned_without_rebuilding(tmp_path, monkeypatch):
 
 
 def test_interrupted_build_leaves_neither_cache_nor_temp_dir(tmp_path, monkeypatch):
-    def crash(out, seed, cfg):
+    def crash(out, seed, cfg, variant):
         (out / "data").mkdir()
         raise KeyboardInterrupt
 

@@ -33,13 +33,18 @@ class ConfigError(ValueError):
 
 
 def _tiny_resolver(name: str) -> str:
-    """``${tiny:policy}`` -> path of an embedded tiny asset (built on first use by the entry points)."""
-    from mentor.models.tiny import tiny_paths
+    """``${tiny:policy}`` -> path of an embedded tiny asset (built on first use by the entry points);
+    ``${tiny:hard_policy}`` -> the same asset of the ``hard`` variant (any key of ``mentor.models.tiny.VARIANTS``)."""
+    from mentor.models.tiny import VARIANTS, tiny_paths
 
-    paths = tiny_paths()
-    if name not in paths:
-        raise ConfigError(f"${{tiny:{name}}}: unknown tiny asset {name!r}; choose one of {sorted(paths)}")
-    return str(paths[name])
+    variant, sep, asset = name.partition("_")
+    if not sep or variant not in VARIANTS:
+        variant, asset = "default", name
+    paths = tiny_paths(variant=variant)
+    if asset not in paths:
+        raise ConfigError(f"${{tiny:{name}}}: unknown tiny asset {asset!r}; choose one of {sorted(paths)}, "
+                          f"optionally prefixed by a variant ({', '.join(f'{v}_' for v in VARIANTS)})")
+    return str(paths[asset])
 
 
 def register_resolvers() -> None:
@@ -278,10 +283,10 @@ def _resolve_paths(c: MentorRunConfig) -> None:
 
 
 def _is_tiny(path: str) -> bool:
-    from mentor.models.tiny import tiny_paths
+    from mentor.models.tiny import VARIANTS, tiny_paths
 
-    root = Path(tiny_paths()["policy"]).resolve().parent
-    return Path(path).resolve().is_relative_to(root)
+    roots = [Path(tiny_paths(variant=v)["root"]).resolve() for v in VARIANTS]
+    return any(Path(path).resolve().is_relative_to(root) for root in roots)
 
 
 def _local_path(path: str, key: str) -> str:

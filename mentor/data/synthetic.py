@@ -15,6 +15,9 @@ Splits are drawn deterministically from a seed and are disjoint by operand pair.
 fine-tuning stream used to build the tiny models (``sft_stream``) avoids every val problem, so val
 accuracy measures generalisation; it may contain train problems. With ``forget_carry`` it
 produces a "student" who drops each carry with that probability: the weak policy's data.
+
+``min_carries`` keeps only problems whose column sums carry at least that often (the hard variant
+of the tiny task: every problem needs a carry chain of at least 2; about 48% of uniform pairs do).
 """
 
 from __future__ import annotations
@@ -72,22 +75,37 @@ def _draw_pair(rng: random.Random) -> tuple[int, int]:
     return rng.randrange(10**MAX_DIGITS), rng.randrange(10**MAX_DIGITS)
 
 
-def _draw_unique(rng: random.Random, n: int, exclude: set[tuple[int, int]]) -> list[tuple[int, int]]:
+def count_carries(a: int, b: int) -> int:
+    """Columns of ``a + b`` (worked right to left) whose sum is >= 10, the final carry included: 47 + 385 -> 2."""
+    width = max(len(str(a)), len(str(b)))
+    carry = count = 0
+    for x, y in zip(str(a).zfill(width)[::-1], str(b).zfill(width)[::-1]):
+        carry = (int(x) + int(y) + carry) // 10
+        count += carry
+    return count
+
+
+def _draw_unique(rng: random.Random, n: int, exclude: set[tuple[int, int]],
+                 min_carries: int = 0) -> list[tuple[int, int]]:
     pairs: list[tuple[int, int]] = []
     while len(pairs) < n:
         pair = _draw_pair(rng)
+        if min_carries and count_carries(*pair) < min_carries:
+            continue  # drawn and dropped: with min_carries=0 the draws (and the default splits) are unchanged
         if pair not in exclude:
             exclude.add(pair)
             pairs.append(pair)
     return pairs
 
 
-def make_splits(seed: int = 0, n_train: int = 4096, n_val: int = 256) -> tuple[list[dict], list[dict]]:
-    """Train and val rows, disjoint by operand pair and free of duplicates, from ``seed``."""
+def make_splits(seed: int = 0, n_train: int = 4096, n_val: int = 256,
+                min_carries: int = 0) -> tuple[list[dict], list[dict]]:
+    """Train and val rows, disjoint by operand pair and free of duplicates, from ``seed``; every problem
+    carries at least ``min_carries`` times (``count_carries``)."""
     rng = random.Random(f"tiny_arith/splits/{seed}")
     seen: set[tuple[int, int]] = set()
-    val = [make_row(a, b) for a, b in _draw_unique(rng, n_val, seen)]
-    train = [make_row(a, b) for a, b in _draw_unique(rng, n_train, seen)]
+    val = [make_row(a, b) for a, b in _draw_unique(rng, n_val, seen, min_carries)]
+    train = [make_row(a, b) for a, b in _draw_unique(rng, n_train, seen, min_carries)]
     return train, val
 
 

@@ -15,13 +15,20 @@
   greedy (32% at 35% greedy in a trial);
 - ``report.json``: build config, per-model metrics, sha256 of each ``model.safetensors``.
 
+Variants (``VARIANTS``, each its own cache dir): ``default`` is the above. ``hard`` is the regime
+where guidance is necessary, not just faster: every train/val problem needs at least 2 carries
+(``min_carries``) and the student drops each carry 97% of the time (``forget_carry``), so the
+policy almost never samples a right answer (pass@8 at T=1 ~0.01-0.03: GRPO groups are nearly
+all-zero, no signal) while the same recipe's expert solves ~99% of them. Its dir is suffixed
+``-hard`` (``v1-seed0-hard``); configs reach it as ``${tiny:hard_policy}`` etc. (configs/tiny_hard.yaml).
+
 Both model dirs hold the same tokenizer (byte-level BPE, ChatML template, ``_tiny_tokenizer``) and a
 generation_config with eos ``<|im_end|>``. The models were trained on prompts rendered from one user
 turn ``{"role": "user", "content": problem}`` with no system message. The same seed and config give
 byte-identical safetensors on the same machine and torch build (threads fixed, everything seeded).
 A build goes to a temp dir renamed into place, so an interrupted build never leaves a half cache.
 
-CLI: ``python -m mentor.models.tiny [--out DIR] [--seed N] [--force] [--quick]``.
+CLI: ``python -m mentor.models.tiny [--variant default|hard] [--out DIR] [--seed N] [--force] [--quick]``.
 """
 
 from __future__ import annotations
@@ -73,6 +80,9 @@ class TinyBuildConfig:
     warmup: int = 50
     forget_carry: float = 0.7
     """Probability the policy's fine-tuning data drops a carry (see synthetic.make_row)."""
+    min_carries: int = 0
+    """Every train/val problem carries at least this often (synthetic.count_carries); the fine-tuning
+    streams stay uniform. 0 = all problems (the default variant's data)."""
     policy_steps: int = 150
     """SFT steps of the policy, starting from the expert, on the carry-dropping student's data."""
     policy_lr: float = 5e-4
@@ -89,16 +99,33 @@ QUICK = TinyBuildConfig(
     n_train=64, n_val=32, tokenizer_rows=200, steps=30, warmup=10, policy_steps=10, pass_k=2, pass_rows=8,
 )
 
+VARIANTS: dict[str, dict] = {
+    "default": {},
+    "hard": {"forget_carry": 0.97, "min_carries": 2},
+}
+"""Fields each variant changes in TinyBuildConfig (or QUICK). ``hard``: carry chains of >= 2 the student
+skips 97% of the time at each carry, so it solves ~0.03^2 of them per sample."""
 
-def default_dir(seed: int = 0, quick: bool = False) -> Path:
-    """``$MENTOR_TINY_DIR`` (else ``~/.cache/mentor/tiny``) / ``v1-seed{seed}[-quick]``."""
+
+def variant_config(variant: str = "default", quick: bool = False) -> TinyBuildConfig:
+    if variant not in VARIANTS:
+        raise ValueError(f"tiny variant {variant!r} is unknown; choose one of {sorted(VARIANTS)}")
+    return dataclasses.replace(QUICK if quick else TinyBuildConfig(), **VARIANTS[variant])
+
+
+def default_dir(seed: int = 0, quick: bool = False, variant: str = "default") -> Path:
+    """``$MENTOR_TINY_DIR`` (else ``~/.cache/mentor/tiny``) / ``v1-seed{seed}[-{variant}][-quick]``."""
+    if variant not in VARIANTS:
+        raise ValueError(f"tiny variant {variant!r} is unknown; choose one of {sorted(VARIANTS)}")
     base = os.environ.get("MENTOR_TINY_DIR") or Path.home() / ".cache" / "mentor" / "tiny"
-    return Path(base).expanduser() / f"{VERSION}-seed{seed}{'-quick' if quick else ''}"
+    suffix = ("" if variant == "default" else f"-{variant}") + ("-quick" if quick else "")
+    return Path(base).expanduser() / f"{VERSION}-seed{seed}{suffix}"
 
 
-def tiny_paths(out_dir: str | Path | None = None, seed: int = 0, quick: bool = False) -> dict[str, Path]:
+def tiny_paths(out_dir: str | Path | None = None, seed: int = 0, quick: bool = False,
+               variant: str = "default") -> dict[str, Path]:
     """Where the assets are (or will be); builds nothing. The tokenizer is the one in ``policy/``."""
-    root = Path(out_dir) if out_dir is not None else default_dir(seed, quick)
+    root = Path(out_dir) if out_dir is not None else default_dir(seed, quick, variant)
     return {
         "root": root,
         "train": root / "data" / "train.jsonl",
@@ -111,14 +138,17 @@ def tiny_paths(out_dir: str | Path | None = None, seed: int = 0, quick: bool = F
 
 
 def build_tiny_assets(
-    out_dir: str | Path | None = None, seed: int = 0, force: bool = False, quick: bool = False
+    out_dir: str | Path | None = None, seed: int = 0, force: bool = False, quick: bool = False,
+    variant: str = "default",
 ) -> Path:
     """Build (or find cached) tiny task + policy/expert models; returns the asset dir.
 
     Returns at once when ``<dir>/report.json`` exists unless ``force``. ``quick`` builds the
     seconds-long ``QUICK`` config (default dir suffixed ``-quick``); its models are barely trained.
+    ``variant`` is a key of ``VARIANTS`` (default dir suffixed ``-{variant}`` unless ``default``).
     """
-    root = tiny_paths(out_dir, seed, quick)["root"]
+    cfg = variant_config(variant, quick)
+    root = tiny_paths(out_dir, seed, quick, variant)["root"]
     if (root / REPORT).exists() and not force:
         logger.info("tiny assets cached at %s", root)
         return root
@@ -132,7 +162,7 @@ def build_tiny_assets(
             return root
         tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
         try:
-            _build_into(tmp, seed, QUICK if quick else TinyBuildConfig())
+            _build_into(tmp, seed, cfg, variant)
             _move_into_place(tmp, root, force)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -157,24 +187,24 @@ def _move_into_place(tmp: Path, root: Path, force: bool) -> None:
     logger.info("tiny assets written to %s", root)
 
 
-def _build_into(out: Path, seed: int, cfg: TinyBuildConfig) -> None:
+def _build_into(out: Path, seed: int, cfg: TinyBuildConfig, variant: str = "default") -> None:
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.num_threads)
     try:
         with torch.random.fork_rng():
-            _build(out, seed, cfg)
+            _build(out, seed, cfg, variant)
     finally:
         torch.set_num_threads(threads)
 
 
-def _build(out: Path, seed: int, cfg: TinyBuildConfig) -> None:
+def _build(out: Path, seed: int, cfg: TinyBuildConfig, variant: str = "default") -> None:
     from mentor.data import synthetic
     from mentor.models import _tiny_tokenizer as ttok
 
     t0 = time.perf_counter()
-    train, val = synthetic.make_splits(seed, cfg.n_train, cfg.n_val)
+    train, val = synthetic.make_splits(seed, cfg.n_train, cfg.n_val, cfg.min_carries)
     synthetic.write_jsonl(train, out / "data" / "train.jsonl")
     synthetic.write_jsonl(val, out / "data" / "val.jsonl")
     tok_rows = itertools.islice(synthetic.sft_stream(seed + 1, val), cfg.tokenizer_rows)
@@ -190,7 +220,8 @@ def _build(out: Path, seed: int, cfg: TinyBuildConfig) -> None:
     models = {name: _evaluate_and_save(m, tokenizer, val, pass_rows, out / name, cfg, seed, max_new)
               for name, m in (("policy", policy), ("expert", expert))}
     report = {
-        "version": VERSION, "seed": seed, "config": dataclasses.asdict(cfg), "vocab_size": len(tokenizer),
+        "version": VERSION, "seed": seed, **({"variant": variant} if variant != "default" else {}),
+        "config": dataclasses.asdict(cfg), "vocab_size": len(tokenizer),
         "max_new_tokens": max_new, "models": models,
         "timing_s": {"train": round(train_s, 1), "total": round(time.perf_counter() - t0, 1)},
     }
@@ -277,10 +308,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="rebuild even if cached")
     parser.add_argument("--quick", action="store_true", help="seconds-long smoke build (barely trained models)")
+    parser.add_argument("--variant", choices=sorted(VARIANTS), default="default",
+                        help="task variant (hard: >= 2 carries per problem, student skips 97%% of carries)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     t = time.perf_counter()
-    root = build_tiny_assets(args.out, args.seed, args.force, args.quick)
+    root = build_tiny_assets(args.out, args.seed, args.force, args.quick, args.variant)
     report = json.loads((root / REPORT).read_text())
     print(f"tiny assets: {root}  (this call {time.perf_counter() - t:.1f}s, "
           f"build {report['timing_s']['total']}s)")

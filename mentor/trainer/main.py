@@ -35,15 +35,17 @@ def setup_logging() -> None:
 
 
 def ensure_tiny_assets(config: MentorRunConfig) -> None:
-    """Build the embedded task and models if the config points at them and they are not cached yet."""
-    from mentor.models.tiny import build_tiny_assets, tiny_paths
+    """Build the embedded task and models (each variant it uses) if the config points at them and they are not
+    cached yet."""
+    from mentor.models.tiny import VARIANTS, build_tiny_assets, tiny_paths
 
-    paths = tiny_paths()
     used = {config.worker.actor.model_path, config.worker.rollout.expert.model_path, config.data.train_files,
             config.data.val_files}
-    if used & {str(p) for p in paths.values()} and not os.path.exists(paths["policy"]):
-        logger.info("building the embedded tiny task and models (cached for later runs) ...")
-        build_tiny_assets()
+    for variant in VARIANTS:
+        paths = tiny_paths(variant=variant)
+        if used & {str(p) for p in paths.values()} and not os.path.exists(paths["policy"]):
+            logger.info("building the embedded tiny task and models, variant %s (cached for later runs) ...", variant)
+            build_tiny_assets(variant=variant)
 
 
 def check_memory_plan(config: MentorRunConfig) -> None:
