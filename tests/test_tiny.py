@@ -213,8 +213,8 @@ def test_same_seed_gives_byte_identical_weights_data_and_tokenizer(tmp_path):
 
 def test_cached_assets_are_returned_without_rebuilding(tmp_path, monkeypatch):
     built = []
-    monkeypatch.setattr(tiny, "_build_into", lambda out, seed, cfg: (built.append(seed),
-                                                                     (out / tiny.REPORT).write_text("{}")))
+    monkeypatch.setattr(tiny, "_build_into", lambda out, seed, cfg, variant: (built.append(seed),
+                                                                              (out / tiny.REPORT).write_text("{}")))
     root = build_tiny_assets(tmp_path / "x", seed=0, quick=True)
     assert built == [0] and (root / tiny.REPORT).exists()
     monkeypatch.setattr(tiny, "_build_into", lambda *a: pytest.fail("rebuilt a cached build"))
@@ -237,7 +237,7 @@ def test_concurrent_builds_of_one_dir_train_once(tmp_path, monkeypatch):
 
     built = []
 
-    def fake_build(out, seed, cfg):
+    def fake_build(out, seed, cfg, variant):
         built.append(seed)
         time.sleep(0.2)  # both callers are inside build_tiny_assets while the first builds
         (out / tiny.REPORT).write_text("{}")
