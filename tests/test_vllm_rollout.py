@@ -26,7 +26,7 @@ from mentor.workers.actor import Actor  # noqa: E402
 from mentor.workers.rollout.base import SamplingParams, build_sequences  # noqa: E402
 from mentor.workers.rollout.hf_engine import HFRolloutEngine  # noqa: E402
 from mentor.workers.rollout.vllm_adapter import _expand_batch_to_tokens  # noqa: E402
-from mentor.workers.rollout.vllm_engine import VLLMRolloutEngine, request_seeds  # noqa: E402
+from mentor.workers.rollout.vllm_engine import VLLMMixedRolloutEngine, VLLMRolloutEngine, request_seeds  # noqa: E402
 
 PAD, VOCAB, EOS = 0, 16, [14, 15]
 PROMPTS = [[1, 2, 3], [4], [5, 6, 7, 8, 9], [2, 2], [9, 8, 7, 6], [3]] * 2  # 12 ragged rows
@@ -59,6 +59,23 @@ def engine(models):
                              max_model_len=64, max_num_seqs=64)
 
 
+@pytest.fixture(scope="module")
+def shared_view(models, tmp_path_factory):
+    """The on-policy view of a mixed engine (policy A, expert B): no weights of its own (see test_vllm_mixed.py)."""
+    path, _, b = models
+    expert = tmp_path_factory.mktemp("vllm_rollout_expert") / "expert"
+    b.save_pretrained(expert)
+    mixed = VLLMMixedRolloutEngine(path, str(expert), EOS, PAD, VLLMConfig(kv_cache_memory_bytes=16 << 20), k=2,
+                                   max_model_len=64, max_num_seqs=64)
+    return mixed.on_policy()
+
+
+@pytest.fixture(params=["plain", "shared_view"])
+def any_engine(request):
+    """The on-policy engine and the mixed engine's on-policy view: one contract, one set of checks."""
+    return request.getfixturevalue("engine" if request.param == "plain" else request.param)
+
+
 def actor_log_probs(model: torch.nn.Module, prompts, out, temperature: float) -> torch.Tensor:
     """[B, Lr] log-probs of the responses under model, from the actor (full forward over build_sequences)."""
     seqs = build_sequences(prompts, out, PAD)
@@ -75,7 +92,8 @@ def assert_logprobs_match(engine, model, gen_seed: int) -> torch.Tensor:
     return ref[mask]
 
 
-def test_logprobs_equal_the_actor_before_and_after_training_steps_with_weight_sync(models, engine):
+def test_logprobs_equal_the_actor_before_and_after_training_steps_with_weight_sync(models, any_engine):
+    engine = any_engine
     _, start, _ = models
     model = copy.deepcopy(start)
     actor = Actor(model, ActorConfig(micro_batch_size_per_device=64),
@@ -102,7 +120,8 @@ def test_logprobs_equal_the_actor_before_and_after_training_steps_with_weight_sy
         engine.sync_weights(lambda: start.state_dict().items())
 
 
-def test_greedy_outputs_follow_the_synced_weights(models, engine):
+def test_greedy_outputs_follow_the_synced_weights(models, any_engine):
+    engine = any_engine
     path, a, b = models
     greedy = SamplingParams(10, temperature=0.0)
     try:

@@ -154,8 +154,10 @@ def _memory(c: MentorRunConfig, world: int, policy: ModelFacts | None, expert: M
     if c.worker.actor.use_kl_loss:
         out["reference"] = f"{_size(4 * policy.params / world)} (fp32, sharded)"
     vllm = c.worker.rollout.name == "vllm"
-    where = "in the vLLM engines: on-policy, mixed target + draft" if vllm else "the hf engine's copy"
-    out["rollout policy weights"] = f"{_size(weight_bytes * policy.params)} per copy, per rank ({where})"
+    where = "one copy, the hf engine's"
+    if vllm:
+        where = "one copy, shared by the vLLM on-policy view, mixed target + draft" if mixed else "the vLLM engine's"
+    out["rollout policy weights"] = f"{_size(weight_bytes * policy.params)} per rank ({where})"
     if mixed and expert is not None:
         out["expert"] = f"{_size(weight_bytes * expert.params)} ({_params(expert.params)} params, full copy per rank)"
     if vllm and gpu:
