@@ -17,6 +17,7 @@ import pytest
 import torch
 
 pytest.importorskip("vllm")
+pytestmark = pytest.mark.vllm
 
 from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 

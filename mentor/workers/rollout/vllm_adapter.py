@@ -234,7 +234,13 @@ def shared_policy_overrides(owner_policy: torch.nn.Module) -> dict:
 
 
 def _share_after_load(runner) -> None:
-    """Called at the end of a model runner's ``load_model`` (see module doc)."""
+    """Called at the end of a model runner's ``load_model`` (see module doc).
+
+    GPU: vLLM sizes the KV cache from ``runner.model_memory_usage``, measured while the replaced weights
+    were still allocated; the bytes freed here are taken off it (not run: no GPU on the development box).
+    """
+    cuda = torch.cuda.is_available()
+    allocated = torch.cuda.memory_allocated() if cuda else 0
     model = runner.get_model()
     owner = getattr(model, "shared_policy", None)  # a mixture target: its draft uses the policy part
     drafter = getattr(runner, "drafter", None)
@@ -247,8 +253,11 @@ def _share_after_load(runner) -> None:
             raise RuntimeError(f"{SHARED_POLICY_KEY}={key}: the owning mixture engine is gone")
         share_module_weights(policy, model)
     gc.collect()  # drop the replaced modules' weights now, before vLLM measures memory
-    if torch.cuda.is_available():
+    if cuda:
         torch.cuda.empty_cache()
+        freed = allocated - torch.cuda.memory_allocated()
+        if freed > 0 and hasattr(runner, "model_memory_usage"):
+            runner.model_memory_usage = max(0, runner.model_memory_usage - freed)
 
 
 def share_policy_weights(device: str) -> None:
