@@ -26,6 +26,7 @@ import pytest
 import torch
 
 pytest.importorskip("vllm")
+pytestmark = pytest.mark.vllm
 
 from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
@@ -34,6 +35,7 @@ from mentor.workers.rollout.base import SamplingParams  # noqa: E402
 from mentor.workers.rollout.hf_engine import HFMixedRolloutEngine, HFRolloutEngine  # noqa: E402
 from mentor.workers.rollout.hf_mixed import MIXED_STAT_KEYS  # noqa: E402
 from mentor.workers.rollout.mixed_policy import mix_probs, policy_entropy, process_logits  # noqa: E402
+from mentor.workers.rollout.vllm_adapter import weight_storages  # noqa: E402
 from mentor.workers.rollout.vllm_engine import VLLMMixedRolloutEngine  # noqa: E402
 from mentor.workers.rollout.vllm_mixture import MixtureSettings, mixture_target_logits  # noqa: E402
 from _sequence_dists import exact_joint, sequence_tools  # noqa: E402
@@ -243,6 +245,28 @@ def test_weight_sync_updates_the_target_policy_and_the_draft(pair, engine_k3):
         engine_k3.sync_weights(lambda: policy.state_dict().items())
 
 
+def test_policy_weights_exist_once_across_target_draft_and_on_policy_view(engine_k3):
+    # Before: the draft model and a separate on-policy engine each loaded their own copy (3 sets of
+    # storages). Now both use the mixture target's policy modules; only attention layers (KV caches) differ.
+    view = engine_k3.on_policy()
+    assert engine_k3.on_policy() is view  # one view per engine
+    mixture, draft = engine_k3.models()["model"], engine_k3.models()["draft"]
+    policy, own = mixture.policy, view.models()["model"]
+    for other in (draft, own):
+        params = dict(other.named_parameters())
+        assert params.keys() == dict(policy.named_parameters()).keys()
+        assert all(params[name] is p for name, p in policy.named_parameters())  # the same tensors, not copies
+        assert other.model.layers[0].self_attn.attn is not policy.model.layers[0].self_attn.attn  # own KV cache
+    storages = [weight_storages(m) for m in (policy, draft, own)]
+    assert len(storages[0]) > 0 and storages[0] == storages[1] == storages[2]
+    assert len(set.union(*storages)) == len(storages[0])  # 1x the policy, not 3x
+    assert not storages[0] & weight_storages(mixture.expert)
+    # the view samples the policy: greedy equals the mixture's greedy decode (w = 0 at temperature 0)
+    greedy, prompts = SamplingParams(8, temperature=0.0), [PROMPT, [3], [4, 5, 6]]
+    assert torch.equal(view.generate(prompts, greedy, 0).responses,
+                       engine_k3.generate(prompts, greedy, 0, gamma=0.5).responses)
+
+
 def test_bad_arguments_name_the_option(engine_k3):
     params = SamplingParams(2)
     with pytest.raises(ValueError, match="mode"):
@@ -251,3 +275,29 @@ def test_bad_arguments_name_the_option(engine_k3):
         engine_k3.generate([PROMPT], params, 0, gamma=1.0, k=4)
     with pytest.raises(ValueError, match="gamma"):
         engine_k3.generate([PROMPT], params, 0, gamma=0.0)
+
+
+# ----------------------------------------------------------------------------- the worker's wiring
+
+def test_fsdp_worker_under_mixed_grpo_holds_one_policy_copy_and_syncs_it_once(tiny_assets, monkeypatch):
+    # FSDPWorker's vLLM set-up and weight sync on a stand-in for the worker (no process group): the
+    # on-policy engine is the mixed engine's view, and a sync streams the policy into one engine part once.
+    from types import SimpleNamespace
+
+    from mentor.config import compose, validate
+    from mentor.models.loader import load_causal_lm, load_tokenizer
+    from mentor.workers.fsdp_worker import FSDPWorker
+
+    cfg = validate(compose("tiny_cpu", ["worker.rollout.name=vllm", "worker.rollout.max_batch_size=16",
+                                        f"worker.rollout.vllm.kv_cache_memory_bytes={16 << 20}",
+                                        "worker.rollout.vllm.max_num_batched_tokens=256"]))
+    assert cfg.algorithm.adv_estimator == "mixed_grpo"
+    path = cfg.worker.actor.model_path
+    worker = SimpleNamespace(config=cfg, device_type="cpu", tokenizer=load_tokenizer(path))
+    FSDPWorker._init_vllm_rollout(worker)
+    assert worker.engine is worker.mixed_engine.on_policy()
+    parts = []
+    monkeypatch.setattr(worker.mixed_engine, "_reload", lambda weights, part: parts.append(part) or len(list(weights)))
+    worker.model = load_causal_lm(path, torch.float32)
+    FSDPWorker.sync_rollout_weights(worker)
+    assert parts == ["mixture_policy"]  # before: model (on-policy engine), mixture_policy, draft

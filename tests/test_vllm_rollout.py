@@ -17,6 +17,7 @@ import pytest
 import torch
 
 pytest.importorskip("vllm")
+pytestmark = pytest.mark.vllm
 
 from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
@@ -25,8 +26,8 @@ from mentor.protocol import Batch  # noqa: E402
 from mentor.workers.actor import Actor  # noqa: E402
 from mentor.workers.rollout.base import SamplingParams, build_sequences  # noqa: E402
 from mentor.workers.rollout.hf_engine import HFRolloutEngine  # noqa: E402
-from mentor.workers.rollout.vllm_adapter import _expand_batch_to_tokens  # noqa: E402
-from mentor.workers.rollout.vllm_engine import VLLMRolloutEngine, request_seeds  # noqa: E402
+from mentor.workers.rollout.vllm_adapter import _expand_batch_to_tokens, share_module_weights  # noqa: E402
+from mentor.workers.rollout.vllm_engine import VLLMMixedRolloutEngine, VLLMRolloutEngine, request_seeds  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
@@ -61,6 +62,23 @@ def engine(models):
                              max_model_len=64, max_num_seqs=64)
 
 
+@pytest.fixture(scope="module")
+def shared_view(models, tmp_path_factory):
+    """The on-policy view of a mixed engine (policy A, expert B): no weights of its own (see test_vllm_mixed.py)."""
+    path, _, b = models
+    expert = tmp_path_factory.mktemp("vllm_rollout_expert") / "expert"
+    b.save_pretrained(expert)
+    mixed = VLLMMixedRolloutEngine(path, str(expert), EOS, PAD, VLLMConfig(kv_cache_memory_bytes=16 << 20), k=2,
+                                   max_model_len=64, max_num_seqs=64)
+    return mixed.on_policy()
+
+
+@pytest.fixture(params=["plain", "shared_view"])
+def any_engine(request):
+    """The on-policy engine and the mixed engine's on-policy view: one contract, one set of checks."""
+    return request.getfixturevalue("engine" if request.param == "plain" else request.param)
+
+
 def actor_log_probs(model: torch.nn.Module, prompts, out, temperature: float) -> torch.Tensor:
     """[B, Lr] log-probs of the responses under model, from the actor (full forward over build_sequences)."""
     seqs = build_sequences(prompts, out, PAD)
@@ -77,7 +95,8 @@ def assert_logprobs_match(engine, model, gen_seed: int) -> torch.Tensor:
     return ref[mask]
 
 
-def test_logprobs_equal_the_actor_before_and_after_training_steps_with_weight_sync(models, engine):
+def test_logprobs_equal_the_actor_before_and_after_training_steps_with_weight_sync(models, any_engine):
+    engine = any_engine
     _, start, _ = models
     model = copy.deepcopy(start)
     actor = Actor(model, ActorConfig(micro_batch_size_per_device=64),
@@ -104,7 +123,8 @@ def test_logprobs_equal_the_actor_before_and_after_training_steps_with_weight_sy
         engine.sync_weights(lambda: start.state_dict().items())
 
 
-def test_greedy_outputs_follow_the_synced_weights(models, engine):
+def test_greedy_outputs_follow_the_synced_weights(models, any_engine):
+    engine = any_engine
     path, a, b = models
     greedy = SamplingParams(10, temperature=0.0)
     try:
@@ -157,6 +177,37 @@ def test_cpu_expand_fix_repeats_each_request_value_over_its_tokens():
     out = _expand_batch_to_tokens(torch.tensor([0.7, 0.0, 1.3]), torch.tensor([2, 5, 6], dtype=torch.int32), 6,
                                   replace_from=0, replace_to=1)
     torch.testing.assert_close(out, torch.tensor([0.7, 0.7, 1.0, 1.0, 1.0, 1.3]))
+
+
+class _Attn(torch.nn.Module):
+    """Stands for a vLLM attention layer: per-model state (a KV-cache scale) that must not be shared."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("k_scale", torch.ones(1))
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, width: int = 4):
+        super().__init__()
+        self.proj, self.norm, self.attn = torch.nn.Linear(width, width), torch.nn.LayerNorm(width), _Attn()
+        self.gain = torch.nn.Parameter(torch.ones(width))  # a direct parameter of an attention layer's parent
+
+
+def test_sharing_replaces_weight_modules_but_keeps_attention_layers():
+    owner, recipient = torch.nn.ModuleList([_Block(), _Block()]), torch.nn.ModuleList([_Block(), _Block()])
+    keep = lambda m: isinstance(m, _Attn)  # noqa: E731
+    attn = [b.attn for b in recipient]
+    # per block: proj and norm replaced (2 submodules); gain aliased as a parameter
+    assert share_module_weights(owner, recipient, keep) == 4
+    for mine, theirs, own_attn in zip(recipient, owner, attn):
+        assert mine.proj is theirs.proj and mine.norm is theirs.norm and mine.gain is theirs.gain
+        assert mine.attn is own_attn and mine.attn is not theirs.attn
+    assert share_module_weights(owner, recipient, keep) == 0  # idempotent
+    with pytest.raises(ValueError, match=r"0\.proj is Linear in the recipient but Identity"):
+        other = torch.nn.ModuleList([_Block()])
+        other[0].proj = torch.nn.Identity()
+        share_module_weights(other, torch.nn.ModuleList([_Block()]), keep)
 
 
 def test_engine_start_leaves_thread_control_and_spec_fix_in_place(engine):

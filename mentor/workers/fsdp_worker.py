@@ -188,7 +188,8 @@ class FSDPWorker(Worker):
                                                      ro.max_batch_size)
 
     def _init_vllm_rollout(self) -> None:
-        """vLLM engines (vllm_engine.py): on-policy, and for MENTOR the mixture target + policy draft engine."""
+        """vLLM engines (vllm_engine.py): on-policy; for MENTOR the mixed engine (mixture target + policy draft)
+        and its on-policy view, all on one copy of the policy weights."""
         from types import SimpleNamespace
 
         from transformers import AutoConfig, GenerationConfig
@@ -212,7 +213,6 @@ class FSDPWorker(Worker):
         common = dict(eos_token_ids=self.eos_ids, pad_token_id=self.pad_id, config=ro.vllm, device=str(self.dev),
                       seed=ro.seed, max_model_len=c.data.max_prompt_length + c.data.max_response_length,
                       max_num_seqs=ro.max_batch_size)
-        self.engine = VLLMRolloutEngine(act.model_path, **common)
         self.mixed_engine = None
         if c.derived.mixed:
             path = ro.expert.model_path
@@ -220,6 +220,10 @@ class FSDPWorker(Worker):
             check_same_vocabulary(self.tokenizer, load_tokenizer(path, key="worker.rollout.expert.model_path"),
                                   self.rollout_model, expert, act.model_path, path)
             self.mixed_engine = VLLMMixedRolloutEngine(act.model_path, path, k=ro.spec_k, **common)
+            # one copy of the policy per rank: the on-policy engine computes with the mixed engine's policy
+            self.engine = self.mixed_engine.on_policy()
+        else:
+            self.engine = VLLMRolloutEngine(act.model_path, **common)
 
     # ---- rollout -------------------------------------------------------------------------------------------
 
@@ -227,11 +231,9 @@ class FSDPWorker(Worker):
     @torch.no_grad()
     def sync_rollout_weights(self) -> None:
         """Copy the current policy (all-gathered from the FSDP shards) into the rollout model."""
-        if self.config.worker.rollout.name == "vllm":  # every engine part streams its own all-gather
-            for engine in (self.engine, self.mixed_engine):
-                if engine is not None:
-                    engine.sync_weights(lambda: iter_full_weights(self.model))
-                    engine.sleep()  # GPU with enable_sleep_mode: awake only while generating; no-op on CPU
+        if self.config.worker.rollout.name == "vllm":  # one write: the engines share the policy weights
+            self.engine.sync_weights(lambda: iter_full_weights(self.model))
+            self.engine.sleep()  # GPU with enable_sleep_mode: awake only while generating; no-op on CPU
             return
         params = dict(self.rollout_model.named_parameters())
         params.update(dict(self.rollout_model.named_buffers()))

