@@ -1,0 +1,191 @@
+"""One sandboxed tool call. Started per call by :mod:`mentor.tools.sandbox`, never imported by it.
+
+    [unshare --net --pid --fork --kill-child --mount --mount-proc --] python -I -S -u _sandbox_runner.py < request
+
+Standard library only, and only modules that load fast (each call pays this process's start-up): it runs under
+whichever interpreter the server chose for calls (``--python``), which need not have mentor installed. The request
+(a ``marshal``-ed dict on stdin: no json/re import) carries ``env``, ``call`` and the limits the server computed
+(see ``mentor.tools.isolation.Executor._request``).
+
+Two processes:
+
+- the **init** (pid 1 of the fresh pid namespace when namespaces are on, root): reads the request, makes the
+  filesystem view private (read-only ``/``, fresh size-limited tmpfs on ``/tmp``, ``/var/tmp`` and ``/dev/shm``,
+  empty tmpfs over the hidden paths such as the repo), forks the call process, waits for it and reports how it
+  ended. It runs no model code. When it exits the kernel kills whatever the call left in the namespace.
+- the **call** process: lowers its rlimits, drops to the slot's unprivileged uid/gid (no groups, no new privileges),
+  moves into the private working directory, says "ready", then ``exec``s ``env`` and ``response = <call>`` exactly
+  as the official server does, and reports ``repr(response)`` or the exception.
+
+Status lines go to the server on stderr as ``STATUS_PREFIX + repr(dict) + "\n"`` (read back with
+``ast.literal_eval``); anything else there is interpreter noise. The call's own stdout and stderr both go to stdout.
+"""
+
+import marshal
+import os
+import resource
+import signal
+import sys
+
+_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_REMOUNT, _MS_BIND = 1, 2, 4, 8, 32, 4096
+_MS_REC, _MS_PRIVATE = 16384, 1 << 18
+_PR_SET_NO_NEW_PRIVS = 38
+
+_RLIMITS = {"cpu_s": resource.RLIMIT_CPU, "as_bytes": resource.RLIMIT_AS, "nproc": resource.RLIMIT_NPROC,
+            "nofile": resource.RLIMIT_NOFILE, "fsize_bytes": resource.RLIMIT_FSIZE, "core_bytes": resource.RLIMIT_CORE}
+
+
+STATUS_PREFIX = "\x00sandbox-status "
+
+
+def _status(fd: int, **fields) -> None:
+    try:
+        os.write(fd, (STATUS_PREFIX + repr(fields) + "\n").encode("utf-8", "backslashreplace"))
+    except OSError:
+        pass
+
+
+def _libc():
+    import ctypes
+
+    return ctypes, ctypes.CDLL(None, use_errno=True)
+
+
+def _mount(libc, ctypes, source: str, target: str, fstype, flags: int, data) -> None:
+    enc = lambda s: None if s is None else s.encode()  # noqa: E731
+    if libc.mount(enc(source), enc(target), enc(fstype), flags, enc(data)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mount {fstype or 'remount'} on {target}: {os.strerror(err)}")
+
+
+def setup_mounts(req: dict) -> None:
+    """Private filesystem view; runs as root inside the fresh mount namespace.
+
+    Refuses unless this process is pid 1 of a new pid namespace and its mount namespace differs from the server's
+    (``req["server_mnt_ns"]``): the same mounts made in the host namespace would hide the repo and /tmp for everyone.
+    """
+    if os.getpid() != 1 or os.stat("/proc/self/ns/mnt").st_ino == req["server_mnt_ns"]:
+        raise RuntimeError("refusing to mount: not inside a fresh pid + mount namespace")
+    ctypes, libc = _libc()
+    _mount(libc, ctypes, None, "/", None, _MS_REC | _MS_PRIVATE, None)  # nothing below propagates to the host
+    uid, gid = req.get("uid") or 0, req.get("gid") or 0
+    size = int(req["tmp_bytes"])
+    for path in req.get("hide", []):
+        if os.path.isdir(path):
+            _mount(libc, ctypes, "hidden", path, "tmpfs", _MS_RDONLY | _MS_NOSUID | _MS_NODEV | _MS_NOEXEC,
+                   "size=4k,nr_inodes=2,mode=000")
+    scratch = f"size={size},nr_inodes=4096"
+    _mount(libc, ctypes, "sandbox", "/tmp", "tmpfs", _MS_NOSUID | _MS_NODEV, f"{scratch},mode=0700,uid={uid},gid={gid}")
+    for path in ("/var/tmp", "/dev/shm"):
+        if os.path.isdir(path):
+            _mount(libc, ctypes, "sandbox", path, "tmpfs", _MS_NOSUID | _MS_NODEV, f"{scratch},mode=1777")
+    # a read-only view of / for this namespace only (per-mount flag; the filesystem itself stays writable outside)
+    _mount(libc, ctypes, None, "/", None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY, None)
+
+
+def _set_limits(limits: dict) -> None:
+    for key, value in limits.items():
+        value = int(value)
+        resource.setrlimit(_RLIMITS[key], (value, value) if key != "cpu_s" else (value, value + 1))
+
+
+def _drop_privileges(uid, gid) -> None:
+    if uid is None:
+        return
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+
+
+def _no_new_privs() -> None:
+    try:
+        ctypes, libc = _libc()
+        libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    except OSError:
+        pass
+
+
+def _describe(exc: BaseException, req: dict) -> str:
+    if isinstance(exc, MemoryError):
+        return f"MemoryError: out of memory (the sandbox allows {req['limits']['as_bytes'] >> 20} MiB per call)"
+    if isinstance(exc, OSError) and exc.errno == 27:  # EFBIG: RLIMIT_FSIZE (CPython ignores SIGXFSZ)
+        return f"OSError: file too large (the sandbox allows files up to {req['limits']['fsize_bytes'] >> 20} MiB)"
+    import traceback
+
+    return "".join(traceback.format_exception_only(type(exc), exc)).strip()
+
+
+def run_call(req: dict, status_fd: int) -> None:
+    """The call process: limits, privileges, then the model's code. Never returns."""
+    code = 0
+    try:
+        os.dup2(1, 2)  # the call's stderr joins its stdout; status_fd stays the server's channel
+        _set_limits(req["limits"])
+        _drop_privileges(req.get("uid"), req.get("gid"))
+        _no_new_privs()
+        os.chdir(req["workdir"])
+        if req.get("nice"):
+            os.nice(int(req["nice"]))
+        os.environ.clear()
+        sys.path.extend(req.get("sys_path", []))
+        ns: dict = {}
+        result = error = None
+        _status(status_fd, ready=True)
+        try:
+            exec(compile(req["env"], "<env>", "exec"), ns)
+            exec(compile("response = " + req["call"], "<call>", "exec"), ns)
+            value = ns.get("response")
+            if value is not None:
+                result = repr(value)
+        except BaseException as exc:  # noqa: BLE001 - everything the model's code raises is the model's answer
+            error = _describe(exc, req)
+        cap = int(req["max_result_bytes"])
+        if result is not None and len(result) > cap:
+            result = result[:cap] + f"... [result truncated: repr was {len(result)} characters]"
+        try:
+            sys.stdout.flush()
+        except (OSError, ValueError):
+            pass
+        _status(status_fd, result=result, error=error)
+    except BaseException as exc:  # noqa: BLE001 - a sandbox set-up failure, reported to the server
+        _status(status_fd, setup_error=_describe(exc, req))
+        code = 70
+    os._exit(code)
+
+
+def main() -> None:
+    req = marshal.loads(sys.stdin.buffer.read())
+    os.close(0)
+    status_fd = os.dup(2)  # non-inheritable
+    try:
+        if req.get("mounts"):
+            setup_mounts(req)
+    except BaseException as exc:  # noqa: BLE001
+        _status(status_fd, setup_error=f"{type(exc).__name__}: {exc}")
+        os._exit(70)
+    os.set_inheritable(status_fd, True)
+    pid = os.fork()
+    if pid == 0:
+        run_call(req, status_fd)
+    os.close(1)
+    # the server kills us at its deadline; this one only matters if the server itself is gone
+    signal.signal(signal.SIGALRM, lambda *_: (_status(status_fd, init_timeout=True), os._exit(71)))
+    signal.alarm(int(req["init_deadline_s"]))
+    while True:
+        try:
+            _, wstatus = os.waitpid(pid, 0)
+            break
+        except ChildProcessError:
+            wstatus = 0
+            break
+        except InterruptedError:
+            continue
+    if os.WIFSIGNALED(wstatus):
+        _status(status_fd, signal=os.WTERMSIG(wstatus))
+    else:
+        _status(status_fd, exit=os.WEXITSTATUS(wstatus))
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
