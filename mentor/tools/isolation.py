@@ -101,6 +101,8 @@ class Isolation:
     unshare: str | None = None
     nice: int = 5
     """added niceness of calls, so the server (and its event loop) wins the CPU over hostile calls."""
+    sys_path: list[str] = field(default_factory=list)
+    """directories appended to a call's sys.path (calls start with ``-S``: the standard library only)."""
     warnings: list[str] = field(default_factory=list)
 
     def enforced(self) -> dict[str, bool]:
@@ -174,7 +176,7 @@ class Executor:
         return {"env": env, "call": call, "limits": self.limits.rlimits(timeout), "uid": uid, "gid": uid,
                 "mounts": iso.namespaces, "server_mnt_ns": self._server_mnt_ns, "hide": iso.hidden_paths,
                 "tmp_bytes": (self.limits.max_file_mib + 4) << 20, "workdir": workdir, "nice": iso.nice,
-                "max_result_bytes": self.limits.max_output_bytes,
+                "max_result_bytes": self.limits.max_output_bytes, "sys_path": iso.sys_path,
                 "init_deadline_s": math.ceil(self.limits.startup_timeout_s + timeout + 5)}
 
     async def _run_in_slot(self, slot: int, env: str, call: str, timeout: float) -> ExecResult:
@@ -337,7 +339,7 @@ class Executor:
             except (ProcessLookupError, PermissionError):
                 break
             await asyncio.sleep(0.005)
-        if not self.isolation.namespaces and uid is not None:
+        if not self.isolation.namespaces and uid is not None and uid_has_processes(uid):
             await kill_uid(self.isolation.python, uid)
 
     async def close(self) -> None:
@@ -347,6 +349,18 @@ class Executor:
 
     def stats(self) -> dict[str, Any]:
         return {"running": len(self._running), "waiting": self._waiting, "calls": dict(self.counts)}
+
+
+def uid_has_processes(uid: int) -> bool:
+    """Whether any process of ``uid`` is alive (a scan of /proc; ~1 ms)."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.stat(f"/proc/{entry}").st_uid == uid:
+                    return True
+            except FileNotFoundError:
+                continue
+    return False
 
 
 async def kill_uid(python: str, uid: int) -> None:
@@ -395,7 +409,7 @@ def default_hidden_paths() -> list[str]:
 
 
 def choose_isolation(python: str | None = None, namespaces: bool = True, uid_base: int = 200000,
-                     hide: list[str] | None = None, nice: int = 5) -> Isolation:
+                     hide: list[str] | None = None, nice: int = 5, sys_path: list[str] | None = None) -> Isolation:
     """The strongest isolation that works here, checked by running a probe call in it; warns about what is missing.
 
     ``python``: the interpreter for calls (default: this one if the calls' uid can run it, else /usr/bin/python3).
@@ -418,7 +432,8 @@ def choose_isolation(python: str | None = None, namespaces: bool = True, uid_bas
         for interpreter in candidates:
             hidden_here = [p for p in hidden if not (interpreter + "/").startswith(p.rstrip("/") + "/")]
             iso = Isolation(namespaces=use_ns, drop_privileges=drop, python=interpreter, uid_base=uid_base,
-                            hidden_paths=hidden_here if use_ns else [], unshare=unshare if use_ns else None, nice=nice)
+                            hidden_paths=hidden_here if use_ns else [], unshare=unshare if use_ns else None, nice=nice,
+                            sys_path=list(sys_path or []))
             ok, why = asyncio.run(_probe(iso))
             if ok:
                 iso.warnings = _warnings(iso, namespaces, root, unshare, failures)

@@ -117,6 +117,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-output-bytes", type=int, default=65536, help="stdout+stderr per call; past it: stopped")
     p.add_argument("--python", help="interpreter for calls (default: this one if the calls' uid can run it, "
                                     "else /usr/bin/python3)")
+    p.add_argument("--sys-path", action="append", default=[],
+                   help="directory added to calls' sys.path, e.g. a site-packages the calls' uid can read (repeatable; "
+                        "calls start with python -I -S: the standard library only)")
     p.add_argument("--uid-base", type=int, default=200000, help="calls run as uid/gid uid_base + slot (root only)")
     p.add_argument("--hide", action="append", default=[], help="extra directory calls must not see (repeatable)")
     p.add_argument("--nice", type=int, default=5, help="niceness added to calls so the server stays responsive")
@@ -135,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
                     max_file_mib=args.max_file_mib, max_output_bytes=args.max_output_bytes,
                     max_timeout_s=args.max_timeout)
     isolation = choose_isolation(python=args.python, namespaces=not args.no_namespaces, uid_base=args.uid_base,
-                                 hide=args.hide, nice=args.nice)
+                                 hide=args.hide, nice=args.nice, sys_path=args.sys_path)
     executor = Executor(isolation, limits, max_concurrency=args.max_concurrency, max_queue=args.max_queue)
     enforced = isolation.enforced()
     logger.info("sandbox isolation: %s; not enforced: %s; calls run with %s",
