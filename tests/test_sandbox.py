@@ -101,6 +101,13 @@ def test_exceptions_come_back_as_error_text(client):
     assert client.execute(ADD, "mul(a=1, b=2)").error == "NameError: name 'mul' is not defined"
 
 
+def test_a_huge_result_is_truncated_not_dropped(sandbox, client):
+    cap = sandbox.health["limits"]["max_output_bytes"]
+    res = client.execute("", "'\u00e9' * 100000")  # 2 bytes per character in UTF-8
+    assert res.status == "ok" and res.result.startswith("'" + "\u00e9" * (cap - 1))
+    assert res.result.endswith("... [result truncated: repr was 100002 characters]")
+
+
 def test_official_json_api_and_malformed_requests(sandbox):
     with httpx.Client() as http:
         body = http.post(sandbox.url + "/execute", json={"env": ADD, "call": "add(a=1, b=1)"}).json()

@@ -158,7 +158,9 @@ def run_call(req: dict, status_fd: int) -> None:
 
 def main() -> None:
     req = marshal.loads(sys.stdin.buffer.read())
-    os.close(0)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)  # the call reads EOF (input() -> EOFError); fd 0 must not be left free for the dup below
+    os.close(devnull)
     status_fd = os.dup(2)  # non-inheritable
     try:
         if req.get("mounts"):

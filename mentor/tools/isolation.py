@@ -189,7 +189,8 @@ class Executor:
         try:
             proc = await asyncio.create_subprocess_exec(
                 *self._command(), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE, env={}, cwd="/", start_new_session=True)
+                stderr=asyncio.subprocess.PIPE, env={}, cwd="/", start_new_session=True,
+                limit=self._status_budget())  # a status line carries repr(result): up to ~4 bytes per character
         except OSError as exc:
             if not iso.namespaces:
                 shutil.rmtree(workdir, ignore_errors=True)
@@ -220,7 +221,7 @@ class Executor:
             return bytes(buf)
 
         async def read_status() -> None:
-            budget = 4 * cap + 65536  # the call can write here too (the fd is inherited): bound what we keep
+            budget = self._status_budget()  # the call can write here too (the fd is inherited): bound what we keep
             try:
                 while line := await proc.stderr.readline():
                     budget -= len(line)
@@ -282,6 +283,9 @@ class Executor:
         return self._interpret(output.decode("utf-8", errors="replace"), statuses, stopped_for, timeout, seconds,
                                proc.returncode, bytes(noise).decode(errors="replace"))
 
+    def _status_budget(self) -> int:
+        return 8 * self.limits.max_output_bytes + 65536
+
     def _interpret(self, output: str, statuses: list[dict], stopped_for: str | None, timeout: float,
                    seconds: float, returncode: int | None, noise: str) -> ExecResult:
         """The call's statuses -> the ExecResult the model sees."""
@@ -306,7 +310,7 @@ class Executor:
             return ExecResult(output=output, status="sandbox_error", seconds=seconds, error=f"SandboxError: {why}")
         if "signal" in final:
             name = _signal_name(final["signal"])
-            hint = {"SIGKILL": " (killed: out of memory or CPU time)", "SIGXCPU": " (CPU time limit)",
+            hint = {"SIGKILL": " (killed: CPU time limit, out of memory, or by itself)", "SIGXCPU": " (CPU time limit)",
                     "SIGSEGV": " (segmentation fault)", "SIGABRT": " (aborted)", "SIGBUS": " (bus error)"}.get(name, "")
             return ExecResult(output=output, status="crash", seconds=seconds,
                               error=f"the call crashed: {name}{hint}")
