@@ -44,7 +44,8 @@ def _require(sandbox, *layers: str) -> None:
     enforced = sandbox.health["enforced"]
     missing = [layer for layer in layers if not enforced[layer]]
     if missing:
-        pytest.skip(f"sandbox layer(s) {missing} not available on this machine: {sandbox.health['isolation']['warnings']}")
+        warnings = sandbox.health["isolation"]["warnings"]
+        pytest.skip(f"sandbox layer(s) {missing} not available on this machine: {warnings}")
 
 
 def _sandbox_uid_pids() -> list[str]:
@@ -89,6 +90,8 @@ def test_call_returns_repr_of_the_value_and_what_it_printed(client):
     assert res.text() == "result: \n5\noutput: \nadding 2 3"
     assert client.execute(ADD, "add(a='x', b='y')").result == "'xy'"  # repr, quotes kept
     assert client.execute("def f():\n    pass\n", "f()").result is None
+    # a turn's calls, concurrently, answers in call order
+    assert [r.result for r in client.execute_many([(ADD, "add(a=1, b=1)"), (ADD, "add(a=2, b=2)")])] == ["2", "4"]
 
 
 def test_exceptions_come_back_as_error_text(client):
@@ -163,6 +166,7 @@ def test_allocating_4_gib_is_a_memory_error(client):
 
 def test_writing_a_1_gib_file_stops_at_the_file_size_limit(client):
     env = "def fill():\n    with open('big', 'wb') as f:\n        for _ in range(1024):\n            f.write(b'0' * 2**20)\n"
+    # 1024 chunks of 1 MiB: never 1 GiB in memory at once, so the file-size limit is what stops it
     hostile, _, _ = _with_bystander(client, env, "fill()", 2)
     assert hostile.status == "error" and "file too large" in hostile.error, hostile
 
@@ -297,6 +301,16 @@ def test_sandbox_fusion_client_speaks_run_code():
     assert slow.status == "timeout" and slow.error.startswith("TimeoutError")
     dead = client.execute("import os\n", "os._exit(3)")
     assert dead.status == "crash" and "exit status 3" in dead.error
+
+
+def test_open_sandbox_with_a_url_uses_that_server(sandbox):
+    from mentor.tools.sandbox_client import open_sandbox
+
+    with open_sandbox(sandbox.url) as client:
+        assert client.execute(ADD, "add(a=1, b=2)").result == "3"
+    with pytest.raises(ValueError, match="sandbox kind"):
+        with open_sandbox(sandbox.url, kind="docker"):
+            pass
 
 
 def test_unreachable_sandbox_is_an_error_result_not_an_exception():

@@ -121,7 +121,7 @@ def _signal_name(number: int) -> str:
 
 
 class Executor:
-    """Runs calls concurrently, at most ``max_concurrency`` at a time and ``max_queue`` waiting; never raises for a call.
+    """Runs calls concurrently, ``max_concurrency`` at a time and up to ``max_queue`` waiting; never raises for a call.
 
     Each running call owns a slot (0..max_concurrency-1), hence its own uid with the privilege drop.
     """
@@ -303,9 +303,12 @@ class Executor:
             status = "ok" if error is None else "memory" if error.startswith("MemoryError") else "error"
             return ExecResult(output=output, result=final.get("result"), error=error, status=status, seconds=seconds)
         if "setup_error" in final or stopped_for == "startup" or not statuses:
-            why = final.get("setup_error") or (f"the call process did not start within "
-                                               f"{self.limits.startup_timeout_s:g} s" if stopped_for == "startup"
-                                               else f"the sandbox runner ended with status {returncode}: {noise[-500:]}")
+            if "setup_error" in final:
+                why = final["setup_error"]
+            elif stopped_for == "startup":
+                why = f"the call process did not start within {self.limits.startup_timeout_s:g} s"
+            else:
+                why = f"the sandbox runner ended with status {returncode}: {noise[-500:]}"
             logger.warning("sandbox set-up failure: %s", why)
             return ExecResult(output=output, status="sandbox_error", seconds=seconds, error=f"SandboxError: {why}")
         if "signal" in final:
@@ -369,8 +372,8 @@ def uid_has_processes(uid: int) -> bool:
 
 async def kill_uid(python: str, uid: int) -> None:
     """SIGKILL every process of ``uid``: a throw-away process becomes that uid and calls ``kill(-1, SIGKILL)``."""
-    code = f"import os, signal; os.setgroups([]); os.setresgid({uid}, {uid}, {uid}); os.setresuid({uid}, {uid}, {uid}); " \
-           "os.kill(-1, signal.SIGKILL)"
+    code = (f"import os, signal; os.setgroups([]); os.setresgid({uid}, {uid}, {uid}); "
+            f"os.setresuid({uid}, {uid}, {uid}); os.kill(-1, signal.SIGKILL)")
     proc = await asyncio.create_subprocess_exec(python, "-I", "-S", "-c", code, env={}, cwd="/",
                                                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
     await proc.wait()

@@ -1,5 +1,8 @@
-"""Clients of the tool sandbox: our server (:class:`SandboxClient`), a remote Sandbox Fusion (:class:`SandboxFusionClient`),
-and :class:`LocalSandbox`, which runs our server as a child process for the length of a ``with`` block.
+"""Clients of the tool sandbox: our server (:class:`SandboxClient`), a remote Sandbox Fusion
+(:class:`SandboxFusionClient`), and :class:`LocalSandbox`, which runs our server as a child process for the length
+of a ``with`` block.
+
+``open_sandbox(url, kind)`` is what a trainer calls: an external server when ``url`` is set, else a local one.
 
 Both clients answer ``execute(env, call, timeout) -> ExecResult`` (and ``aexecute`` / ``execute_many``), so the tool
 loop does not care which one it talks to. They never raise for a failed *call*: an unreachable server, an HTTP error
@@ -9,8 +12,10 @@ the metrics what happened. ``health()`` does raise: it is for start-up checks.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import atexit
+import contextlib
 import logging
 import os
 import secrets
@@ -23,7 +28,7 @@ import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import httpx
 
@@ -72,14 +77,19 @@ def _failed(status: str, message: str) -> ExecResult:
 
 
 class _BaseClient:
-    """Shared sync/async plumbing: one pooled sync ``httpx.Client`` and one ``httpx.AsyncClient`` per event loop."""
+    """Shared plumbing: one pooled sync ``httpx.Client``, one ``httpx.AsyncClient`` per event loop, and transport
+    failures turned into ExecResults. Subclasses say where to post (``_request``) and how to read a reply
+    (``_decode``)."""
+
+    service = "the sandbox"
 
     def __init__(self, url: str, http_slack_s: float = 30.0, max_connections: int = 64):
         self.url = url.rstrip("/")
         self.http_slack_s = http_slack_s
         self._limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
         self._sync = httpx.Client(limits=self._limits, timeout=None)
-        self._async: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = weakref.WeakKeyDictionary()
+        self._async: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = (
+            weakref.WeakKeyDictionary())
         self._max_connections = max_connections
 
     def _aclient(self) -> httpx.AsyncClient:
@@ -89,32 +99,41 @@ class _BaseClient:
             client = self._async[loop] = httpx.AsyncClient(limits=self._limits, timeout=None)
         return client
 
-    def _post(self, path: str, payload: dict, timeout_s: float) -> ExecResult:
-        try:
-            response = self._sync.post(self.url + path, json=payload, timeout=timeout_s + self.http_slack_s)
-        except httpx.TimeoutException:
-            return _failed("timeout", f"TimeoutError: no answer from the sandbox within {timeout_s + self.http_slack_s:g} s")
-        except httpx.HTTPError as exc:
-            return _failed("sandbox_error", f"SandboxError: cannot reach the sandbox at {self.url}: {exc!r}")
-        return self._decode(response)
-
-    async def _apost(self, path: str, payload: dict, timeout_s: float) -> ExecResult:
-        try:
-            response = await self._aclient().post(self.url + path, json=payload, timeout=timeout_s + self.http_slack_s)
-        except httpx.TimeoutException:
-            return _failed("timeout", f"TimeoutError: no answer from the sandbox within {timeout_s + self.http_slack_s:g} s")
-        except httpx.HTTPError as exc:
-            return _failed("sandbox_error", f"SandboxError: cannot reach the sandbox at {self.url}: {exc!r}")
-        return self._decode(response)
-
-    def _decode(self, response: httpx.Response) -> ExecResult:
+    def _request(self, env: str, call: str, timeout: float) -> tuple[str, dict, Any]:
+        """(path, JSON body, context for ``_decode``)."""
         raise NotImplementedError
+
+    def _decode(self, response: httpx.Response, context: Any, timeout: float) -> ExecResult:
+        raise NotImplementedError
+
+    def _transport_error(self, exc: httpx.HTTPError, timeout: float) -> ExecResult:
+        if isinstance(exc, httpx.TimeoutException):
+            return _failed("timeout", f"TimeoutError: no answer from {self.service} within "
+                                      f"{timeout + self.http_slack_s:g} s")
+        return _failed("sandbox_error", f"SandboxError: cannot reach {self.service} at {self.url}: {exc!r}")
+
+    def _http_error(self, response: httpx.Response) -> ExecResult | None:
+        if response.status_code == 200:
+            return None
+        return _failed("sandbox_error", f"SandboxError: HTTP {response.status_code} from {self.service}: "
+                                        f"{response.text[:500]}")
 
     def execute(self, env: str, call: str, timeout: float = 5.0) -> ExecResult:
-        raise NotImplementedError
+        """Run one call; never raises for the call's or the transport's failures."""
+        path, body, context = self._request(env, call, timeout)
+        try:
+            response = self._sync.post(self.url + path, json=body, timeout=timeout + self.http_slack_s)
+        except httpx.HTTPError as exc:
+            return self._transport_error(exc, timeout)
+        return self._http_error(response) or self._decode(response, context, timeout)
 
     async def aexecute(self, env: str, call: str, timeout: float = 5.0) -> ExecResult:
-        raise NotImplementedError
+        path, body, context = self._request(env, call, timeout)
+        try:
+            response = await self._aclient().post(self.url + path, json=body, timeout=timeout + self.http_slack_s)
+        except httpx.HTTPError as exc:
+            return self._transport_error(exc, timeout)
+        return self._http_error(response) or self._decode(response, context, timeout)
 
     def execute_many(self, calls: Sequence[tuple[str, str]], timeout: float = 5.0) -> list[ExecResult]:
         """Run ``(env, call)`` pairs concurrently (threads over the pooled sync client); results in input order."""
@@ -139,20 +158,14 @@ class SandboxClient(_BaseClient):
         response.raise_for_status()
         return response.json()
 
-    def _decode(self, response: httpx.Response) -> ExecResult:
-        if response.status_code != 200:
-            return _failed("sandbox_error", f"SandboxError: HTTP {response.status_code} from the sandbox: "
-                                            f"{response.text[:500]}")
+    def _request(self, env: str, call: str, timeout: float) -> tuple[str, dict, Any]:
+        return "/execute", {"env": env, "call": call, "timeout": timeout}, None
+
+    def _decode(self, response: httpx.Response, context: Any, timeout: float) -> ExecResult:
         try:
             return ExecResult.from_json(response.json())
         except ValueError as exc:
             return _failed("sandbox_error", f"SandboxError: unreadable reply from the sandbox: {exc}")
-
-    def execute(self, env: str, call: str, timeout: float = 5.0) -> ExecResult:
-        return self._post("/execute", {"env": env, "call": call, "timeout": timeout}, timeout)
-
-    async def aexecute(self, env: str, call: str, timeout: float = 5.0) -> ExecResult:
-        return await self._apost("/execute", {"env": env, "call": call, "timeout": timeout}, timeout)
 
 
 # The program a Sandbox Fusion run executes: the tools' source and the call travel as string literals and are
@@ -183,52 +196,22 @@ class SandboxFusionClient(_BaseClient):
     ``response = <call>`` and prints the outcome after a random tag. Isolation is whatever that service enforces.
     """
 
+    service = "Sandbox Fusion"
+
     def __init__(self, url: str, memory_limit_mb: int = 512, max_result_chars: int = 65536, **kwargs: Any):
         super().__init__(url, **kwargs)
         self.memory_limit_mb = memory_limit_mb
         self.max_result_chars = max_result_chars
 
-    def _payload(self, env: str, call: str, timeout: float) -> tuple[dict, str]:
+    def _request(self, env: str, call: str, timeout: float) -> tuple[str, dict, Any]:
         tag = f"<<sandbox-result-{secrets.token_hex(8)}>>"
         code = _FUSION_DRIVER.format(env=env, call=call, tag=tag, cap=self.max_result_chars)
-        return {"code": code, "language": "python", "run_timeout": timeout, "compile_timeout": timeout,
-                "memory_limit_MB": self.memory_limit_mb}, tag
+        return "/run_code", {"code": code, "language": "python", "run_timeout": timeout, "compile_timeout": timeout,
+                             "memory_limit_MB": self.memory_limit_mb}, tag
 
-    def execute(self, env: str, call: str, timeout: float = 5.0) -> ExecResult:
-        payload, tag = self._payload(env, call, timeout)
-        return self._decode_with(self._post_raw(payload, timeout), tag, timeout)
-
-    async def aexecute(self, env: str, call: str, timeout: float = 5.0) -> ExecResult:
-        payload, tag = self._payload(env, call, timeout)
-        return self._decode_with(await self._apost_raw(payload, timeout), tag, timeout)
-
-    def _post_raw(self, payload: dict, timeout_s: float) -> httpx.Response | ExecResult:
-        try:
-            return self._sync.post(self.url + "/run_code", json=payload, timeout=timeout_s + self.http_slack_s)
-        except httpx.TimeoutException:
-            return _failed("timeout", f"TimeoutError: no answer from Sandbox Fusion within {timeout_s + self.http_slack_s:g} s")
-        except httpx.HTTPError as exc:
-            return _failed("sandbox_error", f"SandboxError: cannot reach Sandbox Fusion at {self.url}: {exc!r}")
-
-    async def _apost_raw(self, payload: dict, timeout_s: float) -> httpx.Response | ExecResult:
-        try:
-            return await self._aclient().post(self.url + "/run_code", json=payload,
-                                              timeout=timeout_s + self.http_slack_s)
-        except httpx.TimeoutException:
-            return _failed("timeout", f"TimeoutError: no answer from Sandbox Fusion within {timeout_s + self.http_slack_s:g} s")
-        except httpx.HTTPError as exc:
-            return _failed("sandbox_error", f"SandboxError: cannot reach Sandbox Fusion at {self.url}: {exc!r}")
-
-    def _decode_with(self, response: httpx.Response | ExecResult, tag: str, timeout: float) -> ExecResult:
-        """Sandbox Fusion's ``RunCodeResponse`` -> ExecResult (statuses: Success / Failed / SandboxError; the run's
-        own status: Finished / TimeLimitExceeded / Error)."""
-        import ast
-
-        if isinstance(response, ExecResult):
-            return response
-        if response.status_code != 200:
-            return _failed("sandbox_error", f"SandboxError: HTTP {response.status_code} from Sandbox Fusion: "
-                                            f"{response.text[:500]}")
+    def _decode(self, response: httpx.Response, tag: Any, timeout: float) -> ExecResult:
+        """Sandbox Fusion's ``RunCodeResponse`` -> ExecResult (its statuses: Success / Failed / SandboxError; the
+        run's own: Finished / TimeLimitExceeded / Error)."""
         data = response.json()
         run = data.get("run_result") or {}
         stdout, stderr = run.get("stdout") or "", run.get("stderr") or ""
@@ -348,3 +331,21 @@ class LocalSandbox:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def open_sandbox(url: str | None = None, kind: str = "mentor", max_concurrency: int | None = None,
+                 extra_args: Iterable[str] = ()) -> Iterator[SandboxClient | SandboxFusionClient]:
+    """The trainer's entry point: a client for ``url`` (an external server; ``kind`` "mentor" = our ``/execute``
+    API or the official one, "fusion" = Sandbox Fusion), or, with no url, a :class:`LocalSandbox` for the block."""
+    if url:
+        if kind not in ("mentor", "fusion"):
+            raise ValueError(f"sandbox kind must be 'mentor' or 'fusion', got {kind!r}")
+        client = SandboxClient(url) if kind == "mentor" else SandboxFusionClient(url)
+        try:
+            yield client
+        finally:
+            client.close()
+        return
+    with LocalSandbox(max_concurrency=max_concurrency, extra_args=extra_args) as box:
+        yield box.client
