@@ -10,9 +10,10 @@ queueing for a slot, the isolated process's start-up and teardown. calls/s = cal
 Modes: ``full`` is the default server (net + pid + mount namespaces, per-slot uid, rlimits); ``no-namespaces``
 (``--no-namespaces``) keeps the privilege drop and rlimits but skips ``unshare`` and the mounts, to price them.
 
-Each call costs one fresh interpreter (``python -I -S``, ~6 ms of CPU here) plus the runner (~15 ms more: fork,
-limits, mounts, the call), so on 2 cores the ceiling is roughly 2 / ~25 ms = ~80 calls/s before HTTP; the table
-states the load average the numbers were taken under.
+CPU per call, which load on a shared machine does not change (much): ``server cpu ms`` (uvicorn, FastAPI, process
+supervision), ``call cpu ms`` (the isolated processes: unshare, the interpreter's start-up, the runner, the call;
+read from the server's reaped-children times) and ``client cpu ms`` (this script's httpx clients). Their sum bounds
+calls/s on an idle machine: cores x 1000 / sum. The table states the load average each row ran under.
 """
 
 from __future__ import annotations
@@ -62,6 +63,14 @@ async def run_batch(client: SandboxClient, clients: int, calls: int) -> dict[str
     return summarize(latencies, time.perf_counter() - start, failures)
 
 
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(CPU s of process ``pid``, CPU s of its reaped children): /proc/pid/stat utime+stime, cutime+cstime."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / tick, (int(fields[13]) + int(fields[14])) / tick
+
+
 def bench_mode(mode: str, clients: list[int], calls: int, max_concurrency: int) -> list[dict[str, Any]]:
     extra = ["--no-namespaces"] if mode == "no-namespaces" else []
     rows = []
@@ -70,8 +79,13 @@ def bench_mode(mode: str, clients: list[int], calls: int, max_concurrency: int) 
         asyncio.run(run_batch(box.client, min(4, max_concurrency), 16))  # warm-up: page cache, connection pool
         for c in clients:
             load = os.getloadavg()[0]
+            server0, calls0 = cpu_seconds(box.proc.pid)
+            client0 = time.process_time()
             row = asyncio.run(run_batch(box.client, c, calls))
-            rows.append({"mode": mode, "clients": c, **row, "load_1min": round(load, 2),
+            server1, calls1 = cpu_seconds(box.proc.pid)
+            cpu = {"server_cpu_ms": 1000 * (server1 - server0) / calls, "call_cpu_ms": 1000 * (calls1 - calls0) / calls,
+                   "client_cpu_ms": 1000 * (time.process_time() - client0) / calls}
+            rows.append({"mode": mode, "clients": c, **row, **cpu, "load_1min": round(load, 2),
                          "namespaces": enforced["network_namespace"], "privilege_drop": enforced["privilege_drop"]})
     return rows
 
@@ -92,9 +106,11 @@ def main() -> None:
     info = machine()
     rows = [row for mode in args.modes.split(",") for row in bench_mode(mode, clients, calls, args.max_concurrency)]
     print(machine_line(info))
-    print(format_table(["mode", "clients", "calls", "calls/s", "p50 ms", "p99 ms", "failures", "load"],
+    print(format_table(["mode", "clients", "calls", "calls/s", "p50 ms", "p99 ms", "failures", "server cpu ms",
+                        "call cpu ms", "client cpu ms", "load"],
                        [[r["mode"], r["clients"], r["calls"], r["calls_per_s"], r["p50_ms"], r["p99_ms"],
-                         r["failures"], r["load_1min"]] for r in rows], floatfmt=".1f"))
+                         r["failures"], r["server_cpu_ms"], r["call_cpu_ms"], r["client_cpu_ms"], r["load_1min"]]
+                        for r in rows], floatfmt=".1f"))
     write_json(args.json, {"machine": info, "max_concurrency": args.max_concurrency, "results": rows})
 
 

@@ -165,8 +165,13 @@ def test_allocating_4_gib_is_a_memory_error(client):
 
 
 def test_writing_a_1_gib_file_stops_at_the_file_size_limit(client):
-    env = "def fill():\n    with open('big', 'wb') as f:\n        for _ in range(1024):\n            f.write(b'0' * 2**20)\n"
     # 1024 chunks of 1 MiB: never 1 GiB in memory at once, so the file-size limit is what stops it
+    env = textwrap.dedent("""\
+        def fill():
+            with open('big', 'wb') as f:
+                for _ in range(1024):
+                    f.write(b'0' * 2**20)
+        """)
     hostile, _, _ = _with_bystander(client, env, "fill()", 2)
     assert hostile.status == "error" and "file too large" in hostile.error, hostile
 

@@ -437,7 +437,13 @@ def choose_isolation(python: str | None = None, namespaces: bool = True, uid_bas
     failures = []
     for use_ns, drop in wanted:
         for interpreter in candidates:
-            hidden_here = [p for p in hidden if not (interpreter + "/").startswith(p.rstrip("/") + "/")]
+            inside = [p for p in hidden if (interpreter + "/").startswith(p.rstrip("/") + "/")]
+            if use_ns and inside and not python:  # e.g. a venv copied into the repo: prefer an interpreter outside
+                failures.append(f"python={interpreter}: inside the hidden path(s) {inside}")
+                continue
+            if use_ns and inside:
+                logger.warning("--python %s lies inside %s: those paths stay visible to calls", interpreter, inside)
+            hidden_here = [p for p in hidden if p not in inside]
             iso = Isolation(namespaces=use_ns, drop_privileges=drop, python=interpreter, uid_base=uid_base,
                             hidden_paths=hidden_here if use_ns else [], unshare=unshare if use_ns else None, nice=nice,
                             sys_path=list(sys_path or []))
