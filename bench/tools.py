@@ -1,14 +1,15 @@
 """Tool-sandbox throughput: calls/s and p50/p99 latency at 1, 16 and 64 concurrent clients.
 
-    python bench/tools.py [--clients 1,16,64] [--calls 320] [--max-concurrency 16] [--modes full,no-namespaces]
+    python bench/tools.py [--clients 1,16,64] [--calls 320] [--max-concurrency 16] [--modes full,no-zygote]
                           [--json assets/bench/tools.json] [--quick]
 
 One sandbox server (``LocalSandbox``: ``python -m mentor.tools.sandbox`` on 127.0.0.1) per mode; ``--clients`` async
 clients (one ``httpx.AsyncClient``, keep-alive) issue ``--calls`` calls in total, each ``add(a=i, b=i)`` over a
 two-function tool source, the shape of the tiny tool task's calls. A call's latency is the client's view: HTTP,
 queueing for a slot, the isolated process's start-up and teardown. calls/s = calls / wall time of the whole batch.
-Modes: ``full`` is the default server (net + pid + mount namespaces, per-slot uid, rlimits); ``no-namespaces``
-(``--no-namespaces``) keeps the privilege drop and rlimits but skips ``unshare`` and the mounts, to price them.
+Modes: ``full`` is the default server (net + pid + mount namespaces, per-slot uid, rlimits; each call a fork of the
+pre-started zygote); ``no-zygote`` (``--no-zygote``) the same isolation with ``unshare`` + a fresh ``python -I -S``
+per call; ``no-namespaces`` (``--no-namespaces``) keeps the privilege drop and rlimits but no namespaces.
 
 CPU per call, which load on a shared machine does not change (much): ``server cpu ms`` (uvicorn, FastAPI, process
 supervision), ``call cpu ms`` (the isolated processes: unshare, the interpreter's start-up, the runner, the call;
@@ -71,19 +72,42 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
     return (int(fields[11]) + int(fields[12])) / tick, (int(fields[13]) + int(fields[14])) / tick
 
 
+def children(pid: int) -> list[int]:
+    out = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/children") as f:
+            out += [int(c) for c in f.read().split()]
+    return out
+
+
+def cpu_snapshot(server: int) -> dict[str, float]:
+    """Server CPU and the calls' CPU: the server's reaped children (unshare path) plus each live child (the zygote)
+    with its own reaped children (the forks it made for calls)."""
+    own, reaped = cpu_seconds(server)
+    calls = reaped
+    for child in children(server):
+        try:
+            calls += sum(cpu_seconds(child))
+        except FileNotFoundError:
+            pass
+    return {"server": own, "calls": calls}
+
+
+MODES = {"full": [], "no-zygote": ["--no-zygote"], "no-namespaces": ["--no-namespaces"]}
+
+
 def bench_mode(mode: str, clients: list[int], calls: int, max_concurrency: int) -> list[dict[str, Any]]:
-    extra = ["--no-namespaces"] if mode == "no-namespaces" else []
     rows = []
-    with LocalSandbox(max_concurrency=max_concurrency, extra_args=extra + ["--log-level", "warning"]) as box:
+    with LocalSandbox(max_concurrency=max_concurrency, extra_args=MODES[mode] + ["--log-level", "warning"]) as box:
         enforced = box.health["enforced"]
         asyncio.run(run_batch(box.client, min(4, max_concurrency), 16))  # warm-up: page cache, connection pool
         for c in clients:
             load = os.getloadavg()[0]
-            server0, calls0 = cpu_seconds(box.proc.pid)
-            client0 = time.process_time()
+            before, client0 = cpu_snapshot(box.proc.pid), time.process_time()
             row = asyncio.run(run_batch(box.client, c, calls))
-            server1, calls1 = cpu_seconds(box.proc.pid)
-            cpu = {"server_cpu_ms": 1000 * (server1 - server0) / calls, "call_cpu_ms": 1000 * (calls1 - calls0) / calls,
+            after = cpu_snapshot(box.proc.pid)
+            cpu = {"server_cpu_ms": 1000 * (after["server"] - before["server"]) / calls,
+                   "call_cpu_ms": 1000 * (after["calls"] - before["calls"]) / calls,
                    "client_cpu_ms": 1000 * (time.process_time() - client0) / calls}
             rows.append({"mode": mode, "clients": c, **row, **cpu, "load_1min": round(load, 2),
                          "namespaces": enforced["network_namespace"], "privilege_drop": enforced["privilege_drop"]})

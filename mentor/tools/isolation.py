@@ -37,6 +37,8 @@ import math
 import os
 import shutil
 import signal
+import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -51,7 +53,7 @@ logger = logging.getLogger(__name__)
 RUNNER = str(Path(__file__).resolve().with_name("_sandbox_runner.py"))
 REPO = str(Path(__file__).resolve().parents[2])
 STATUS_PREFIX = b"\x00sandbox-status "  # = _sandbox_runner.STATUS_PREFIX
-UNSHARE_ARGS = ("--net", "--pid", "--fork", "--kill-child", "--mount", "--mount-proc")
+UNSHARE_ARGS = ("--net", "--pid", "--fork", "--kill-child", "--mount")  # the runner mounts the new /proc itself
 _SETUP_FAILED = 70
 
 
@@ -101,6 +103,8 @@ class Isolation:
     unshare: str | None = None
     nice: int = 5
     """added niceness of calls, so the server (and its event loop) wins the CPU over hostile calls."""
+    zygote: bool = True
+    """with namespaces: fork calls from a pre-started zygote instead of starting unshare + python per call."""
     sys_path: list[str] = field(default_factory=list)
     """directories appended to a call's sys.path (calls start with ``-S``: the standard library only)."""
     warnings: list[str] = field(default_factory=list)
@@ -120,6 +124,144 @@ def _signal_name(number: int) -> str:
         return f"signal {number}"
 
 
+class _SubprocessCall:
+    """A call started as ``[unshare ...] python runner`` by asyncio; killed through its process group."""
+
+    def __init__(self, proc: asyncio.subprocess.Process):
+        self.proc, self.pid = proc, proc.pid
+        self.stdout, self.stderr = proc.stdout, proc.stderr
+
+    async def send(self, data: bytes) -> None:
+        try:
+            self.proc.stdin.write(data)
+            await self.proc.stdin.drain()
+            self.proc.stdin.close()
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    async def wait(self) -> None:
+        await self.proc.wait()
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode
+
+
+class _ZygoteCall:
+    """A call forked by the :class:`Zygote`; ``pid`` leads its process group (it called setsid)."""
+
+    def __init__(self, pid: int, stdin_fd: int, stdout: asyncio.StreamReader, stderr: asyncio.StreamReader):
+        self.pid, self._stdin_fd, self.stdout, self.stderr = pid, stdin_fd, stdout, stderr
+        self.returncode: int | None = None
+        self._exited: asyncio.Future | None = None
+        try:
+            self._pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:  # already gone
+            self._pidfd = None
+
+    async def send(self, data: bytes) -> None:
+        fd, view = self._stdin_fd, memoryview(data)
+        os.set_blocking(fd, False)
+        try:
+            while view:
+                view = view[os.write(fd, view):]
+        except BlockingIOError:  # bigger than the pipe: finish in a thread, blocking
+            await asyncio.to_thread(_write_blocking, fd, bytes(view))
+            return
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        os.close(fd)
+
+    async def wait(self) -> None:
+        """Until the forked process exits; it waits for the namespace's init, so then the whole call is gone."""
+        if self._exited is None:
+            self._exited = asyncio.get_running_loop().create_future()
+            if self._pidfd is None:
+                self._exited.set_result(None)
+            else:
+                asyncio.get_running_loop().add_reader(self._pidfd, self._on_exit)
+        await asyncio.shield(self._exited)
+        self.returncode = 0
+
+    def _on_exit(self) -> None:
+        asyncio.get_running_loop().remove_reader(self._pidfd)
+        os.close(self._pidfd)
+        self._pidfd = None
+        if not self._exited.done():
+            self._exited.set_result(None)
+
+
+def _write_blocking(fd: int, data: bytes) -> None:
+    try:
+        os.set_blocking(fd, True)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    finally:
+        os.close(fd)
+
+
+async def _pipe_reader(fd: int, limit: int) -> asyncio.StreamReader:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=limit)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", 0))
+    return reader
+
+
+class Zygote:
+    """A pristine ``python -I -S`` process (the runner with ``--zygote``) that forks one process per call.
+
+    Starting a fresh interpreter, ``unshare`` and ctypes per call costs ~15 ms of CPU; a fork of this process costs
+    a few. The zygote never runs model code and never sees a request: the server sends it only the three pipe ends
+    of a call (SCM_RIGHTS over a socketpair); the fork makes its own namespaces, becomes their init's parent and
+    reads the request from its stdin, as the unshare path does.
+    """
+
+    def __init__(self, python: str):
+        self.python = python
+        self.proc: subprocess.Popen | None = None
+        self.sock: socket.socket | None = None
+        self._lock: asyncio.Lock | None = None
+
+    def _start(self) -> None:
+        self.close()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.proc = subprocess.Popen([self.python, "-I", "-S", "-u", RUNNER, "--zygote", str(theirs.fileno())],
+                                     pass_fds=[theirs.fileno()], env={}, cwd="/", stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, start_new_session=True)
+        theirs.close()
+        ours.setblocking(False)
+        self.sock = ours
+
+    async def spawn(self, fds: list[int]) -> int:
+        """Fork a call with ``fds`` as its stdin/stdout/stderr; its pid (= process group)."""
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:  # one request at a time: the answers come back in order
+            if self.proc is None or self.proc.poll() is not None:
+                self._start()
+            socket.send_fds(self.sock, [b"c"], fds)
+            answer = await asyncio.get_running_loop().sock_recv(self.sock, 16)
+        pid = int.from_bytes(answer, "little") if len(answer) == 4 else 0
+        if pid <= 0:
+            raise OSError(f"the sandbox zygote did not fork (answer {answer!r}, exit status {self.proc.poll()})")
+        return pid
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()  # the zygote reads EOF and exits
+            self.sock = None
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+
+
 class Executor:
     """Runs calls concurrently, ``max_concurrency`` at a time and up to ``max_queue`` waiting; never raises for a call.
 
@@ -137,7 +279,8 @@ class Executor:
         self._free_slots = list(range(max_concurrency))
         self._semaphore: asyncio.Semaphore | None = None
         self._waiting = 0
-        self._running: set[asyncio.subprocess.Process] = set()
+        self._running: set[_SubprocessCall | _ZygoteCall] = set()
+        self._zygote = Zygote(isolation.python) if isolation.namespaces and isolation.zygote else None
         self._server_mnt_ns = os.stat("/proc/self/ns/mnt").st_ino if os.path.exists("/proc/self/ns/mnt") else -1
         self.counts: dict[str, int] = {}
 
@@ -179,6 +322,25 @@ class Executor:
                 "max_result_bytes": self.limits.max_output_bytes, "sys_path": iso.sys_path,
                 "init_deadline_s": math.ceil(self.limits.startup_timeout_s + timeout + 5)}
 
+    async def _start_call(self) -> _SubprocessCall | _ZygoteCall:
+        if self._zygote is None:
+            return _SubprocessCall(await asyncio.create_subprocess_exec(
+                *self._command(), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, env={}, cwd="/", start_new_session=True,
+                limit=self._status_budget()))  # a status line carries repr(result): up to ~4 bytes per character
+        (stdin_r, stdin_w), (out_r, out_w), (err_r, err_w) = os.pipe(), os.pipe(), os.pipe()
+        try:
+            pid = await self._zygote.spawn([stdin_r, out_w, err_w])
+        except BaseException:
+            for fd in (stdin_w, out_r, err_r):
+                os.close(fd)
+            raise
+        finally:
+            for fd in (stdin_r, out_w, err_w):
+                os.close(fd)
+        return _ZygoteCall(pid, stdin_w, await _pipe_reader(out_r, 65536),
+                           await _pipe_reader(err_r, self._status_budget()))
+
     async def _run_in_slot(self, slot: int, env: str, call: str, timeout: float) -> ExecResult:
         iso = self.isolation
         uid = iso.uid_base + slot if iso.drop_privileges else None
@@ -187,10 +349,7 @@ class Executor:
             os.chown(workdir, uid, uid)
         start = time.monotonic()
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *self._command(), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE, env={}, cwd="/", start_new_session=True,
-                limit=self._status_budget())  # a status line carries repr(result): up to ~4 bytes per character
+            proc = await self._start_call()
         except OSError as exc:
             if not iso.namespaces:
                 shutil.rmtree(workdir, ignore_errors=True)
@@ -204,7 +363,7 @@ class Executor:
             if not iso.namespaces:
                 shutil.rmtree(workdir, ignore_errors=True)
 
-    async def _supervise(self, proc: asyncio.subprocess.Process, request: dict, timeout: float,
+    async def _supervise(self, proc: _SubprocessCall | _ZygoteCall, request: dict, timeout: float,
                          start: float) -> ExecResult:
         cap = self.limits.max_output_bytes
         ready, overflow = asyncio.Event(), asyncio.Event()
@@ -245,12 +404,7 @@ class Executor:
         status_task = asyncio.create_task(read_status())
         exited = asyncio.create_task(proc.wait())
         stopped_for = None
-        try:
-            proc.stdin.write(marshal.dumps(request))
-            await proc.stdin.drain()
-            proc.stdin.close()
-        except (BrokenPipeError, ConnectionResetError):
-            pass
+        await proc.send(marshal.dumps(request))
         phases = ((ready, self.limits.startup_timeout_s, "startup"), (None, timeout, "timeout"))
         for gate, seconds, reason in phases:
             waits = [exited, asyncio.create_task(overflow.wait())]
@@ -326,13 +480,13 @@ class Executor:
     # --- killing ----------------------------------------------------------------------------------------------
 
     @staticmethod
-    def _killpg(proc: asyncio.subprocess.Process) -> None:
+    def _killpg(proc: _SubprocessCall | _ZygoteCall) -> None:
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
 
-    async def _kill(self, proc: asyncio.subprocess.Process, uid: int | None) -> None:
+    async def _kill(self, proc: _SubprocessCall | _ZygoteCall, uid: int | None) -> None:
         """After a call: nothing of it may survive. With the pid namespace that already holds (its init exited);
         otherwise kill the process group and, with the privilege drop, every process of the slot's uid."""
         self._killpg(proc)
@@ -353,6 +507,8 @@ class Executor:
         """Kill every running call (server shutdown)."""
         for proc in list(self._running):
             self._killpg(proc)
+        if self._zygote is not None:
+            self._zygote.close()
 
     def stats(self) -> dict[str, Any]:
         return {"running": len(self._running), "waiting": self._waiting, "calls": dict(self.counts)}
@@ -397,7 +553,10 @@ def probe():
 
 async def _probe(isolation: Isolation) -> tuple[bool, str]:
     executor = Executor(isolation, Limits(), max_concurrency=1)
-    res = await executor.run(f"REPO = {REPO!r}\n" + _PROBE_ENV, "probe()", timeout=10)
+    try:
+        res = await executor.run(f"REPO = {REPO!r}\n" + _PROBE_ENV, "probe()", timeout=10)
+    finally:
+        await executor.close()
     if res.status != "ok":
         return False, f"{res.status}: {res.error} {res.output[-300:]}"
     info = ast.literal_eval(res.result)
@@ -416,7 +575,8 @@ def default_hidden_paths() -> list[str]:
 
 
 def choose_isolation(python: str | None = None, namespaces: bool = True, uid_base: int = 200000,
-                     hide: list[str] | None = None, nice: int = 5, sys_path: list[str] | None = None) -> Isolation:
+                     hide: list[str] | None = None, nice: int = 5, sys_path: list[str] | None = None,
+                     zygote: bool = True) -> Isolation:
     """The strongest isolation that works here, checked by running a probe call in it; warns about what is missing.
 
     ``python``: the interpreter for calls (default: this one if the calls' uid can run it, else /usr/bin/python3).
@@ -446,7 +606,7 @@ def choose_isolation(python: str | None = None, namespaces: bool = True, uid_bas
             hidden_here = [p for p in hidden if p not in inside]
             iso = Isolation(namespaces=use_ns, drop_privileges=drop, python=interpreter, uid_base=uid_base,
                             hidden_paths=hidden_here if use_ns else [], unshare=unshare if use_ns else None, nice=nice,
-                            sys_path=list(sys_path or []))
+                            sys_path=list(sys_path or []), zygote=zygote)
             ok, why = asyncio.run(_probe(iso))
             if ok:
                 iso.warnings = _warnings(iso, namespaces, root, unshare, failures)

@@ -124,6 +124,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hide", action="append", default=[], help="extra directory calls must not see (repeatable)")
     p.add_argument("--nice", type=int, default=5, help="niceness added to calls so the server stays responsive")
     p.add_argument("--no-namespaces", action="store_true", help="skip unshare (weaker; for debugging)")
+    p.add_argument("--no-zygote", action="store_true",
+                   help="start unshare + a fresh interpreter per call instead of forking a pre-started zygote")
     p.add_argument("--parent-pid", type=int, help="exit when this process is no longer our parent")
     p.add_argument("--log-level", default="info")
     return p.parse_args(argv)
@@ -138,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
                     max_file_mib=args.max_file_mib, max_output_bytes=args.max_output_bytes,
                     max_timeout_s=args.max_timeout)
     isolation = choose_isolation(python=args.python, namespaces=not args.no_namespaces, uid_base=args.uid_base,
-                                 hide=args.hide, nice=args.nice, sys_path=args.sys_path)
+                                 hide=args.hide, nice=args.nice, sys_path=args.sys_path, zygote=not args.no_zygote)
     executor = Executor(isolation, limits, max_concurrency=args.max_concurrency, max_queue=args.max_queue)
     enforced = isolation.enforced()
     logger.info("sandbox isolation: %s; not enforced: %s; calls run with %s",
