@@ -249,6 +249,36 @@ def test_calls_past_the_queue_limit_are_refused():
     assert first.status == "ok" and second.status == "refused" and second.error.startswith("SandboxBusy")
 
 
+def _children(pid: int) -> list[int]:
+    return [int(c) for tid in os.listdir(f"/proc/{pid}/task")
+            for c in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
+
+
+def test_a_killed_zygote_is_replaced(sandbox, client):
+    client.execute("", "1")  # the zygote starts with the first call
+    zygotes = [c for c in _children(sandbox.proc.pid) if b"--zygote" in Path(f"/proc/{c}/cmdline").read_bytes()]
+    if not zygotes:
+        pytest.skip("the server runs without a zygote here (no namespaces)")
+    os.kill(zygotes[0], signal.SIGKILL)
+    assert client.execute(ADD, "add(a=1, b=2)").result == "3"
+
+
+def test_the_per_call_unshare_path_isolates_alike(sandbox):
+    _require(sandbox, "network_namespace", "privilege_drop")
+    with LocalSandbox(max_concurrency=2, extra_args=["--no-zygote", "--uid-base", str(UID_BASE),
+                                                     "--max-timeout", str(MAX_TIMEOUT)]) as box:
+        c = box.client
+        assert c.execute(ADD, "add(a=2, b=3)").result == "5"
+        assert "Network is unreachable" in c.execute("import socket\n",
+                                                     "socket.create_connection(('127.0.0.1', 9))").error
+        assert c.execute("", f"open({str(REPO / 'README.md')!r})").error.startswith("PermissionError")
+        assert c.execute("", "open('/etc/shadow')").error.startswith("PermissionError")
+        assert c.execute("import time\n", "time.sleep(10)", timeout=1).status == "timeout"
+        detach = "import os, time\ndef detach():\n    if os.fork() == 0:\n        os.setsid()\n        time.sleep(60)\n"
+        assert c.execute(detach, "detach()").status == "ok"
+        assert _sandbox_uid_pids() == []
+
+
 # --- the local server's lifetime and the Sandbox Fusion client ----------------------------------------------------
 
 

@@ -1,18 +1,21 @@
-"""One sandboxed tool call. Started per call by :mod:`mentor.tools.sandbox`, never imported by it.
+"""One sandboxed tool call. Run by :mod:`mentor.tools.isolation`, never imported by it. Two ways in:
 
-    [unshare --net --pid --fork --kill-child --mount --mount-proc --] python -I -S -u _sandbox_runner.py < request
+    unshare --net --pid --fork --kill-child --mount -- python -I -S -u _sandbox_runner.py < request   (per call)
+    python -I -S -u _sandbox_runner.py --zygote FD                                                     (once)
 
-Standard library only, and only modules that load fast (each call pays this process's start-up): it runs under
-whichever interpreter the server chose for calls (``--python``), which need not have mentor installed. The request
-(a ``marshal``-ed dict on stdin: no json/re import) carries ``env``, ``call`` and the limits the server computed
-(see ``mentor.tools.isolation.Executor._request``).
+The zygote (:func:`zygote`) forks once per call; the fork does what ``unshare --fork --kill-child`` does (new
+session and namespaces, the init as its child, dying together) and the init reads the request from stdin as in the
+per-call path. Standard library only, and only modules that load fast: it runs under whichever interpreter the
+server chose for calls (``--python``), which need not have mentor installed. The request (a ``marshal``-ed dict on
+stdin: no json/re import) carries ``env``, ``call`` and the limits the server computed
+(``mentor.tools.isolation.Executor._request``).
 
 Two processes:
 
 - the **init** (pid 1 of the fresh pid namespace when namespaces are on, root): reads the request, makes the
-  filesystem view private (read-only ``/``, fresh size-limited tmpfs on ``/tmp``, ``/var/tmp`` and ``/dev/shm``,
-  empty tmpfs over the hidden paths such as the repo), forks the call process, waits for it and reports how it
-  ended. It runs no model code. When it exits the kernel kills whatever the call left in the namespace.
+  filesystem view private (its own ``/proc``, read-only ``/``, fresh size-limited tmpfs on ``/tmp``, ``/var/tmp``
+  and ``/dev/shm``, empty tmpfs over the hidden paths such as the repo), forks the call process, waits for it and
+  reports how it ended. It runs no model code. When it exits the kernel kills whatever the call left in the namespace.
 - the **call** process: lowers its rlimits, drops to the slot's unprivileged uid/gid (no groups, no new privileges),
   moves into the private working directory, says "ready", then ``exec``s ``env`` and ``response = <call>`` exactly
   as the official server does, and reports ``repr(response)`` or the exception.
