@@ -434,7 +434,7 @@ class Executor:
                 stopped_for = reason
                 break
         if stopped_for is not None:
-            self._killpg(proc)
+            self._stop(proc)
         await exited
         output = b""
         try:
@@ -498,14 +498,37 @@ class Executor:
         except (ProcessLookupError, PermissionError):
             pass
 
-    async def _kill(self, proc: _SubprocessCall | _ZygoteCall, uid: int | None) -> None:
-        """After a call: nothing of it may survive. With the pid namespace that already holds (its init exited);
-        otherwise kill the process group and, with the privilege drop, every process of the slot's uid."""
+    def _stop(self, proc: _SubprocessCall | _ZygoteCall) -> None:
+        """Stop a running call. With namespaces, SIGKILL the namespace's init (the child of ``proc``): the kernel
+        then kills everything in the namespace and ``proc``, which waits for the init, exits once all of it is gone.
+        Killing the whole group at once would orphan the init to the host's pid 1, whose reaping we would wait for.
+        """
+        if self.isolation.namespaces:
+            try:
+                inits = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+            except (OSError, ValueError):
+                inits = []
+            for pid in inits:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            if inits:
+                return
         self._killpg(proc)
+
+    async def _kill(self, proc: _SubprocessCall | _ZygoteCall, uid: int | None) -> None:
+        """After a call: nothing of it may survive. With the pid namespace that already holds once ``proc`` exited
+        (it outlives the namespace's init); otherwise kill the process group and, with the privilege drop, every
+        process of the slot's uid."""
         if proc.returncode is None:
-            await proc.wait()
-        # unshare may be gone while its child, the namespace's init, is still tearing the namespace down (both got
-        # SIGKILL): the group is empty only once that init is released, i.e. once every process of the call is gone
+            self._stop(proc)
+            try:
+                await asyncio.wait_for(proc.wait(), 5.0)
+            except asyncio.TimeoutError:
+                self._killpg(proc)
+                await proc.wait()
+        # the group empties only once every process of it is released (a killed init may still be tearing down)
         for _ in range(400):
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
