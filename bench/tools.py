@@ -4,7 +4,7 @@
                           [--json assets/bench/tools.json] [--quick]
 
 One sandbox server (``LocalSandbox``: ``python -m mentor.tools.sandbox`` on 127.0.0.1) per mode; ``--clients`` async
-clients (one ``httpx.AsyncClient``, keep-alive) issue ``--calls`` calls in total, each ``add(a=i, b=i)`` over a
+clients sharing one ``SandboxClient`` (its httpx connection pool, keep-alive) issue ``--calls`` calls in total, each ``add(a=i, b=i)`` over a
 two-function tool source, the shape of the tiny tool task's calls. A call's latency is the client's view: HTTP,
 queueing for a slot, the isolated process's start-up and teardown. calls/s = calls / wall time of the whole batch.
 Modes: ``full`` is the default server (net + pid + mount namespaces, per-slot uid, rlimits; each call a fork of the
@@ -47,6 +47,7 @@ def summarize(latencies_s: list[float], wall_s: float, failures: int) -> dict[st
 
 
 async def run_batch(client: SandboxClient, clients: int, calls: int) -> dict[str, Any]:
+    """``clients`` concurrent workers share ``calls`` calls and one client (its connection pool)."""
     latencies: list[float] = []
     failures = 0
     next_index = iter(range(calls))
