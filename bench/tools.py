@@ -3,17 +3,17 @@
     python bench/tools.py [--clients 1,16,64] [--calls 320] [--max-concurrency 16] [--modes full,no-zygote]
                           [--json assets/bench/tools.json] [--quick]
 
-One sandbox server (``LocalSandbox``: ``python -m mentor.tools.sandbox`` on 127.0.0.1) per mode; ``--clients`` async
-clients sharing one ``SandboxClient`` (its httpx connection pool, keep-alive) issue ``--calls`` calls in total, each ``add(a=i, b=i)`` over a
-two-function tool source, the shape of the tiny tool task's calls. A call's latency is the client's view: HTTP,
+One sandbox server (``LocalSandbox``: ``python -m mentor.tools.sandbox`` on 127.0.0.1) per mode; ``--clients``
+async clients (each its own ``SandboxClient`` and keep-alive connection) issue ``--calls`` calls in total, each
+``add(a=i, b=i)`` over a two-function tool source, the shape of the tiny tool task's calls. A call's latency is the client's view: HTTP,
 queueing for a slot, the isolated process's start-up and teardown. calls/s = calls / wall time of the whole batch.
 Modes: ``full`` is the default server (net + pid + mount namespaces, per-slot uid, rlimits; each call a fork of the
 pre-started zygote); ``no-zygote`` (``--no-zygote``) the same isolation with ``unshare`` + a fresh ``python -I -S``
 per call; ``no-namespaces`` (``--no-namespaces``) keeps the privilege drop and rlimits but no namespaces.
 
 CPU per call, which load on a shared machine does not change (much): ``server cpu ms`` (uvicorn, FastAPI, process
-supervision), ``call cpu ms`` (the isolated processes: unshare, the interpreter's start-up, the runner, the call;
-read from the server's reaped-children times) and ``client cpu ms`` (this script's httpx clients). Their sum bounds
+supervision), ``call cpu ms`` (the isolated processes: the zygote's forks, or unshare + the interpreter's start-up;
+the runner, the call; read from the reaped-children times of the server and of the zygote) and ``client cpu ms`` (this script's httpx clients). Their sum bounds
 calls/s on an idle machine: cores x 1000 / sum. The table states the load average each row ran under.
 """
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import statistics
 import time
 from typing import Any
 
@@ -46,13 +45,13 @@ def summarize(latencies_s: list[float], wall_s: float, failures: int) -> dict[st
             "failures": failures}
 
 
-async def run_batch(client: SandboxClient, clients: int, calls: int) -> dict[str, Any]:
-    """``clients`` concurrent workers share ``calls`` calls and one client (its connection pool)."""
+async def run_batch(clients: list[SandboxClient], calls: int) -> dict[str, Any]:
+    """One worker per client (each its own connection) until ``calls`` calls are done."""
     latencies: list[float] = []
     failures = 0
     next_index = iter(range(calls))
 
-    async def worker() -> None:
+    async def worker(client: SandboxClient) -> None:
         nonlocal failures
         for i in next_index:
             t0 = time.perf_counter()
@@ -61,7 +60,7 @@ async def run_batch(client: SandboxClient, clients: int, calls: int) -> dict[str
             failures += res.result != str(2 * i)
 
     start = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(clients)))
+    await asyncio.gather(*(worker(client) for client in clients))
     return summarize(latencies, time.perf_counter() - start, failures)
 
 
@@ -101,15 +100,18 @@ def bench_mode(mode: str, clients: list[int], calls: int, max_concurrency: int) 
     rows = []
     with LocalSandbox(max_concurrency=max_concurrency, extra_args=MODES[mode] + ["--log-level", "warning"]) as box:
         enforced = box.health["enforced"]
-        asyncio.run(run_batch(box.client, min(4, max_concurrency), 16))  # warm-up: page cache, connection pool
+        asyncio.run(run_batch([box.client] * min(4, max_concurrency), 16))  # warm-up: page cache, the zygote
         for c in clients:
+            pool = [SandboxClient(box.url, max_connections=1) for _ in range(c)]  # built outside the clock
             load = os.getloadavg()[0]
             before, client0 = cpu_snapshot(box.proc.pid), time.process_time()
-            row = asyncio.run(run_batch(box.client, c, calls))
+            row = asyncio.run(run_batch(pool, calls))
             after = cpu_snapshot(box.proc.pid)
             cpu = {"server_cpu_ms": 1000 * (after["server"] - before["server"]) / calls,
                    "call_cpu_ms": 1000 * (after["calls"] - before["calls"]) / calls,
                    "client_cpu_ms": 1000 * (time.process_time() - client0) / calls}
+            for client in pool:
+                client.close()
             rows.append({"mode": mode, "clients": c, **row, **cpu, "load_1min": round(load, 2),
                          "namespaces": enforced["network_namespace"], "privilege_drop": enforced["privilege_drop"]})
     return rows

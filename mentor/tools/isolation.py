@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import collections
 import logging
 import marshal
 import math
@@ -289,8 +290,7 @@ class Executor:
         self.max_concurrency = max_concurrency
         self.max_queue = max_queue
         self._free_slots = list(range(max_concurrency))
-        self._semaphore: asyncio.Semaphore | None = None
-        self._waiting = 0
+        self._slot_waiters: collections.deque[asyncio.Future] = collections.deque()
         self._running: set[_SubprocessCall | _ZygoteCall] = set()
         self._zygote = Zygote(isolation.python) if isolation.namespaces and isolation.zygote else None
         self._server_mnt_ns = os.stat("/proc/self/ns/mnt").st_ino if os.path.exists("/proc/self/ns/mnt") else -1
@@ -301,22 +301,38 @@ class Executor:
     async def run(self, env: str, call: str, timeout: float) -> ExecResult:
         """Run ``env`` then ``response = <call>`` in a fresh sandboxed process; the outcome, errors included."""
         timeout = min(max(float(timeout), 0.01), self.limits.max_timeout_s)
-        if self._semaphore is None:
-            self._semaphore = asyncio.Semaphore(self.max_concurrency)
-        if self._semaphore.locked() and self._waiting >= self.max_queue:
-            return self._count(ExecResult(status="refused", error=f"SandboxBusy: {self._waiting} calls are already "
-                                          "waiting for the sandbox; this call was refused"))
-        self._waiting += 1
-        try:
-            await self._semaphore.acquire()
-        finally:
-            self._waiting -= 1
-        slot = self._free_slots.pop()
+        if not self._free_slots and len(self._slot_waiters) >= self.max_queue:
+            return self._count(ExecResult(status="refused", error=f"SandboxBusy: {len(self._slot_waiters)} calls "
+                                          "are already waiting for the sandbox; this call was refused"))
+        slot = await self._acquire_slot()
         try:
             return self._count(await self._run_in_slot(slot, env, call, timeout))
         finally:
-            self._free_slots.append(slot)
-            self._semaphore.release()
+            self._release_slot(slot)
+
+    async def _acquire_slot(self) -> int:
+        """A free slot, first come first served: a released slot goes straight to the longest waiter (asyncio's
+        Semaphore lets a newcomer take it first, which starved some of 64 concurrent calls for seconds)."""
+        if self._free_slots and not self._slot_waiters:
+            return self._free_slots.pop()
+        waiter = asyncio.get_running_loop().create_future()
+        self._slot_waiters.append(waiter)
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._release_slot(waiter.result())
+            else:
+                self._slot_waiters.remove(waiter)
+            raise
+
+    def _release_slot(self, slot: int) -> None:
+        while self._slot_waiters:
+            waiter = self._slot_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(slot)
+                return
+        self._free_slots.append(slot)
 
     def _count(self, result: ExecResult) -> ExecResult:
         self.counts[result.status] = self.counts.get(result.status, 0) + 1
@@ -546,7 +562,7 @@ class Executor:
             self._zygote.close()
 
     def stats(self) -> dict[str, Any]:
-        return {"running": len(self._running), "waiting": self._waiting, "calls": dict(self.counts)}
+        return {"running": len(self._running), "waiting": len(self._slot_waiters), "calls": dict(self.counts)}
 
 
 def uid_has_processes(uid: int) -> bool:

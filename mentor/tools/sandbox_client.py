@@ -245,7 +245,8 @@ class LocalSandbox:
     the port; ``start`` returns once ``/health`` answers. It is stopped (SIGTERM to its process group, SIGKILL after
     ``stop_timeout_s``) by ``stop``, at interpreter exit (atexit), and — when this process dies without running
     either (SIGKILL, segfault) — by the server itself: it is started with ``--parent-pid`` and exits when it is
-    orphaned (PR_SET_PDEATHSIG plus a parent watchdog).
+    orphaned (PR_SET_PDEATHSIG plus a parent watchdog). PR_SET_PDEATHSIG fires when the *thread* that started the
+    server exits, so call ``start`` from a thread that lives as long as the sandbox is needed (the main thread).
     """
 
     def __init__(self, max_concurrency: int | None = None, extra_args: Iterable[str] = (),
