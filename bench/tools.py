@@ -5,16 +5,18 @@
 
 One sandbox server (``LocalSandbox``: ``python -m mentor.tools.sandbox`` on 127.0.0.1) per mode; ``--clients``
 async clients (each its own ``SandboxClient`` and keep-alive connection) issue ``--calls`` calls in total, each
-``add(a=i, b=i)`` over a two-function tool source, the shape of the tiny tool task's calls. A call's latency is the client's view: HTTP,
-queueing for a slot, the isolated process's start-up and teardown. calls/s = calls / wall time of the whole batch.
-Modes: ``full`` is the default server (net + pid + mount namespaces, per-slot uid, rlimits; each call a fork of the
-pre-started zygote); ``no-zygote`` (``--no-zygote``) the same isolation with ``unshare`` + a fresh ``python -I -S``
-per call; ``no-namespaces`` (``--no-namespaces``) keeps the privilege drop and rlimits but no namespaces.
+``add(a=i, b=i)`` over a two-function tool source, the shape of the tiny tool task's calls. A call's latency is
+the client's view: HTTP, queueing for a slot, the isolated process's start-up and teardown. calls/s = calls / wall
+time of the whole batch. Modes: ``full`` is the default server (net + pid + mount namespaces, per-slot uid,
+rlimits; each call a fork of the pre-started zygote); ``no-zygote`` (``--no-zygote``) the same isolation with
+``unshare`` + a fresh ``python -I -S`` per call; ``no-namespaces`` (``--no-namespaces``) keeps the privilege drop
+and rlimits but no namespaces.
 
 CPU per call, which load on a shared machine does not change (much): ``server cpu ms`` (uvicorn, FastAPI, process
 supervision), ``call cpu ms`` (the isolated processes: the zygote's forks, or unshare + the interpreter's start-up;
-the runner, the call; read from the reaped-children times of the server and of the zygote) and ``client cpu ms`` (this script's httpx clients). Their sum bounds
-calls/s on an idle machine: cores x 1000 / sum. The table states the load average each row ran under.
+the runner; the call; read from the reaped-children times of the server and of the zygote) and ``client cpu ms``
+(this script's httpx clients). Their sum bounds calls/s on an idle machine: cores x 1000 / sum. The table states
+the load average each row ran under.
 """
 
 from __future__ import annotations

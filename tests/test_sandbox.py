@@ -351,3 +351,14 @@ def test_open_sandbox_with_a_url_uses_that_server(sandbox):
 def test_unreachable_sandbox_is_an_error_result_not_an_exception():
     res = SandboxClient("http://127.0.0.1:9", http_slack_s=2).execute(ADD, "add(a=1, b=2)")
     assert res.status == "sandbox_error" and res.error.startswith("SandboxError: cannot reach")
+
+
+def test_bench_latency_percentiles_are_nearest_rank():
+    sys.path.insert(0, str(REPO / "bench"))
+    from tools import percentile, summarize
+
+    xs = [0.01 * i for i in range(100, 0, -1)]  # 0.01 .. 1.00, unsorted
+    assert (percentile(xs, 50), percentile(xs, 99), percentile(xs, 100)) == (0.5, 0.99, 1.0)
+    # 4 calls in 2 s = 2 calls/s; p50 = 2nd smallest (ceil(0.5 * 4)), p99 = 4th (ceil(0.99 * 4))
+    row = summarize([0.4, 0.1, 0.3, 0.2], wall_s=2.0, failures=1)
+    assert row == {"calls": 4, "calls_per_s": 2.0, "p50_ms": 200.0, "p99_ms": 400.0, "failures": 1}
