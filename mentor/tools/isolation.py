@@ -639,14 +639,14 @@ def choose_isolation(python: str | None = None, namespaces: bool = True, uid_bas
     candidates = [c for c in candidates if c and os.path.exists(c)]
     if not candidates:
         raise RuntimeError(f"no interpreter for sandbox calls: {python!r} does not exist (flag --python)")
-    wanted = []
+    wanted = []  # (namespaces, privilege drop, zygote), strongest and fastest first
     if namespaces and root and unshare and sys.platform.startswith("linux"):
-        wanted.append((True, True))
+        wanted += [(True, True, True)] * (zygote and hasattr(os, "pidfd_open")) + [(True, True, False)]
     if root:
-        wanted.append((False, True))
-    wanted.append((False, False))
+        wanted.append((False, True, False))
+    wanted.append((False, False, False))
     failures = []
-    for use_ns, drop in wanted:
+    for use_ns, drop, use_zygote in wanted:
         for interpreter in candidates:
             inside = [p for p in hidden if (interpreter + "/").startswith(p.rstrip("/") + "/")]
             if use_ns and inside and not python:  # e.g. a venv copied into the repo: prefer an interpreter outside
@@ -657,14 +657,15 @@ def choose_isolation(python: str | None = None, namespaces: bool = True, uid_bas
             hidden_here = [p for p in hidden if p not in inside]
             iso = Isolation(namespaces=use_ns, drop_privileges=drop, python=interpreter, uid_base=uid_base,
                             hidden_paths=hidden_here if use_ns else [], unshare=unshare if use_ns else None, nice=nice,
-                            sys_path=list(sys_path or []), zygote=zygote)
+                            sys_path=list(sys_path or []), zygote=use_zygote)
             ok, why = asyncio.run(_probe(iso))
             if ok:
                 iso.warnings = _warnings(iso, namespaces, root, unshare, failures)
                 for warning in iso.warnings:
                     logger.warning("SANDBOX ISOLATION REDUCED: %s", warning)
                 return iso
-            failures.append(f"namespaces={use_ns} drop_privileges={drop} python={interpreter}: {why}")
+            failures.append(f"namespaces={use_ns} drop_privileges={drop} zygote={use_zygote} python={interpreter}: "
+                            f"{why}")
     raise RuntimeError("the sandbox cannot run a call on this machine:\n" + "\n".join(failures))
 
 
@@ -682,7 +683,7 @@ def _warnings(iso: Isolation, wanted_ns: bool, root: bool, unshare: str | None, 
         out += [f"probe failure: {f}" for f in failures]
     else:
         for f in failures:
-            logger.info("sandbox interpreter candidate rejected: %s", f)
+            logger.info("sandbox configuration rejected: %s", f)
     return out
 
 
