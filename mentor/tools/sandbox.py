@@ -59,6 +59,7 @@ class ExecuteRequest(BaseModel):
 
 def create_app(executor: Executor, parent_pid: int | None = None) -> FastAPI:
     """The FastAPI app around one :class:`Executor`."""
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         watchdog = asyncio.create_task(_watch_parent(parent_pid)) if parent_pid else None
