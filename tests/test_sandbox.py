@@ -240,7 +240,7 @@ def test_64_concurrent_calls_all_answer(client):
 def test_calls_past_the_queue_limit_are_refused():
     from mentor.tools.isolation import Executor, Limits, choose_isolation
 
-    executor = Executor(choose_isolation(uid_base=UID_BASE + 8), Limits(), max_concurrency=1, max_queue=0)
+    executor = Executor(choose_isolation(uid_base=UID_BASE + 8, nice=0), Limits(), max_concurrency=1, max_queue=0)
 
     async def go():
         first = asyncio.create_task(executor.run("import time\n", "time.sleep(0.5)", 2))
@@ -269,7 +269,7 @@ def test_a_killed_zygote_is_replaced(sandbox, client):
 def test_the_per_call_unshare_path_isolates_alike(sandbox):
     _require(sandbox, "network_namespace", "privilege_drop")
     with LocalSandbox(max_concurrency=2, extra_args=["--no-zygote", "--uid-base", str(UID_BASE),
-                                                     "--max-timeout", str(MAX_TIMEOUT)]) as box:
+                                                     "--max-timeout", str(MAX_TIMEOUT), "--nice", "0"]) as box:
         c = box.client
         assert c.execute(ADD, "add(a=2, b=3)").result == "5"
         assert "Network is unreachable" in c.execute("import socket\n",
