@@ -491,6 +491,7 @@ class Executor:
                 why = f"the call process did not start within {self.limits.startup_timeout_s:g} s"
             else:
                 why = f"the sandbox runner ended with status {returncode}: {noise[-500:]}"
+            why = str(why)[:1000]  # the call can write to the status channel too: keep logs bounded
             logger.warning("sandbox set-up failure: %s", why)
             return ExecResult(output=output, status="sandbox_error", seconds=seconds, error=f"SandboxError: {why}")
         if "signal" in final:
