@@ -4,12 +4,13 @@ Per call, :class:`Executor` gets a new process in new network, pid and mount nam
 an empty environment, and hands it the request on stdin (``_sandbox_runner.py`` says what happens inside). Two ways
 to get that process, same result:
 
-- default: a fork of the :class:`Zygote`, a ``python -I -S`` started once that never runs model code nor reads a
-  request; the fork calls ``unshare(2)`` and forks the namespace's init (~5 ms of CPU per call here);
+- default: a fork of the :class:`~mentor.tools.call_process.Zygote`, a ``python -I -S`` started once that never
+  runs model code nor reads a request; the fork calls ``unshare(2)`` and forks the namespace's init (~5 ms of CPU
+  per call here);
 - ``--no-zygote``: ``unshare --net --pid --fork --kill-child --mount -- PYTHON -I -S -u _sandbox_runner.py``, a
   fresh interpreter per call (~15 ms).
 
-What each layer enforces:What each layer enforces:
+What each layer enforces:
 
 - network namespace: only a loopback that is down, so every connect fails (``Network is unreachable``), 127.0.0.1
   included; abstract unix sockets are per namespace too;
@@ -22,8 +23,8 @@ What each layer enforces:What each layer enforces:
   new privileges), so root-only files (``/etc/shadow``) are closed to it, ``RLIMIT_NPROC`` counts only this call's
   processes, and it cannot signal or ptrace the runner or other calls;
 - rlimits: address space, CPU seconds, processes, open files, file size, no core files;
-- the server: a wall-clock deadline per call (from the moment the call's code starts) that SIGKILLs the process
-  group, stdout capped in bytes (the call is stopped past the cap), a bound on concurrent calls and queued ones.
+- the server: a wall-clock deadline per call (from the moment the call's code starts) that SIGKILLs the
+  namespace's init (the process group without namespaces), stdout capped in bytes (the call is stopped past the cap), a bound on concurrent calls and queued ones.
 
 Where namespaces are not available (not root, no ``unshare``, or the start-up probe fails) the executor falls back
 to what it can still do and says so loudly (log + ``/health``): rlimits, the process-group kill and a temporary
@@ -42,8 +43,6 @@ import math
 import os
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -51,15 +50,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mentor.tools.call_process import RUNNER, SubprocessCall, Zygote, ZygoteCall, pipe_reader
 from mentor.tools.sandbox_client import ExecResult
 
 logger = logging.getLogger(__name__)
 
-RUNNER = str(Path(__file__).resolve().with_name("_sandbox_runner.py"))
 REPO = str(Path(__file__).resolve().parents[2])
 STATUS_PREFIX = b"\x00sandbox-status "  # = _sandbox_runner.STATUS_PREFIX
 UNSHARE_ARGS = ("--net", "--pid", "--fork", "--kill-child", "--mount")  # the runner mounts the new /proc itself
-_SETUP_FAILED = 70
 
 
 @dataclass(frozen=True)
@@ -129,152 +127,6 @@ def _signal_name(number: int) -> str:
         return f"signal {number}"
 
 
-class _SubprocessCall:
-    """A call started as ``[unshare ...] python runner`` by asyncio; killed through its process group."""
-
-    def __init__(self, proc: asyncio.subprocess.Process):
-        self.proc, self.pid = proc, proc.pid
-        self.stdout, self.stderr = proc.stdout, proc.stderr
-
-    async def send(self, data: bytes) -> None:
-        try:
-            self.proc.stdin.write(data)
-            await self.proc.stdin.drain()
-            self.proc.stdin.close()
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-
-    async def wait(self) -> None:
-        await self.proc.wait()
-
-    @property
-    def returncode(self) -> int | None:
-        return self.proc.returncode
-
-
-class _ZygoteCall:
-    """A call forked by the :class:`Zygote`; ``pid`` leads its process group (it called setsid)."""
-
-    def __init__(self, pid: int, stdin_fd: int, stdout: asyncio.StreamReader, stderr: asyncio.StreamReader):
-        self.pid, self._stdin_fd, self.stdout, self.stderr = pid, stdin_fd, stdout, stderr
-        self.returncode: int | None = None
-        self._exited: asyncio.Future | None = None
-        try:
-            self._pidfd = os.pidfd_open(pid)
-        except ProcessLookupError:  # already gone
-            self._pidfd = None
-
-    async def send(self, data: bytes) -> None:
-        fd, view = self._stdin_fd, memoryview(data)
-        os.set_blocking(fd, False)
-        try:
-            while view:
-                view = view[os.write(fd, view):]
-        except BlockingIOError:  # bigger than the pipe: finish in a thread, blocking
-            await asyncio.to_thread(_write_blocking, fd, bytes(view))
-            return
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-        os.close(fd)
-
-    async def wait(self) -> None:
-        """Until the forked process exits; it waits for the namespace's init, so then the whole call is gone."""
-        if self._exited is None:
-            self._exited = asyncio.get_running_loop().create_future()
-            if self._pidfd is None:
-                self._exited.set_result(None)
-            else:
-                asyncio.get_running_loop().add_reader(self._pidfd, self._on_exit)
-        await asyncio.shield(self._exited)
-        self.returncode = 0
-
-    def _on_exit(self) -> None:
-        asyncio.get_running_loop().remove_reader(self._pidfd)
-        os.close(self._pidfd)
-        self._pidfd = None
-        if not self._exited.done():
-            self._exited.set_result(None)
-
-
-def _write_blocking(fd: int, data: bytes) -> None:
-    try:
-        os.set_blocking(fd, True)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-    except (BrokenPipeError, ConnectionResetError):
-        pass
-    finally:
-        os.close(fd)
-
-
-async def _pipe_reader(fd: int, limit: int) -> asyncio.StreamReader:
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=limit)
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", 0))
-    return reader
-
-
-class Zygote:
-    """A pristine ``python -I -S`` process (the runner with ``--zygote``) that forks one process per call.
-
-    Starting a fresh interpreter, ``unshare`` and ctypes per call costs ~15 ms of CPU; a fork of this process costs
-    a few. The zygote never runs model code and never sees a request: the server sends it only the three pipe ends
-    of a call (SCM_RIGHTS over a socketpair); the fork makes its own namespaces, becomes their init's parent and
-    reads the request from its stdin, as the unshare path does.
-    """
-
-    def __init__(self, python: str):
-        self.python = python
-        self.proc: subprocess.Popen | None = None
-        self.sock: socket.socket | None = None
-        self._lock: asyncio.Lock | None = None
-
-    def _start(self) -> None:
-        self.close()
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.proc = subprocess.Popen([self.python, "-I", "-S", "-u", RUNNER, "--zygote", str(theirs.fileno())],
-                                     pass_fds=[theirs.fileno()], env={}, cwd="/", stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, start_new_session=True)
-        theirs.close()
-        ours.setblocking(False)
-        self.sock = ours
-
-    async def spawn(self, fds: list[int]) -> int:
-        """Fork a call with ``fds`` as its stdin/stdout/stderr; its pid (= process group). A dead zygote is replaced
-        (once per call)."""
-        if self._lock is None:
-            self._lock = asyncio.Lock()
-        answer = b""
-        async with self._lock:  # one request at a time: the answers come back in order
-            for _ in range(2):
-                if self.proc is None or self.proc.poll() is not None:
-                    self._start()
-                try:
-                    socket.send_fds(self.sock, [b"c"], fds)
-                    answer = await asyncio.get_running_loop().sock_recv(self.sock, 16)
-                except OSError:
-                    answer = b""
-                if len(answer) == 4 and int.from_bytes(answer, "little") > 0:
-                    return int.from_bytes(answer, "little")
-                logger.warning("the sandbox zygote did not answer (%r); starting a new one", answer)
-                self.proc.kill()
-                self.close()
-        raise OSError(f"the sandbox zygote did not fork (answer {answer!r})")
-
-    def close(self) -> None:
-        if self.sock is not None:
-            self.sock.close()  # the zygote reads EOF and exits
-            self.sock = None
-        if self.proc is not None:
-            try:
-                self.proc.wait(timeout=2)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-            self.proc = None
-
-
 class Executor:
     """Runs calls concurrently, ``max_concurrency`` at a time and up to ``max_queue`` waiting; never raises for a call.
 
@@ -291,7 +143,7 @@ class Executor:
         self.max_queue = max_queue
         self._free_slots = list(range(max_concurrency))
         self._slot_waiters: collections.deque[asyncio.Future] = collections.deque()
-        self._running: set[_SubprocessCall | _ZygoteCall] = set()
+        self._running: set[SubprocessCall | ZygoteCall] = set()
         self._zygote = Zygote(isolation.python) if isolation.namespaces and isolation.zygote else None
         self._server_mnt_ns = os.stat("/proc/self/ns/mnt").st_ino if os.path.exists("/proc/self/ns/mnt") else -1
         self.counts: dict[str, int] = {}
@@ -350,9 +202,9 @@ class Executor:
                 "max_result_bytes": self.limits.max_output_bytes, "sys_path": iso.sys_path,
                 "init_deadline_s": math.ceil(self.limits.startup_timeout_s + timeout + 5)}
 
-    async def _start_call(self) -> _SubprocessCall | _ZygoteCall:
+    async def _start_call(self) -> SubprocessCall | ZygoteCall:
         if self._zygote is None:
-            return _SubprocessCall(await asyncio.create_subprocess_exec(
+            return SubprocessCall(await asyncio.create_subprocess_exec(
                 *self._command(), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE, env={}, cwd="/", start_new_session=True,
                 limit=self._status_budget()))  # a status line carries repr(result): up to ~4 bytes per character
@@ -366,8 +218,8 @@ class Executor:
         finally:
             for fd in (stdin_r, out_w, err_w):
                 os.close(fd)
-        return _ZygoteCall(pid, stdin_w, await _pipe_reader(out_r, 65536),
-                           await _pipe_reader(err_r, self._status_budget()))
+        return ZygoteCall(pid, stdin_w, await pipe_reader(out_r, 65536),
+                           await pipe_reader(err_r, self._status_budget()))
 
     async def _run_in_slot(self, slot: int, env: str, call: str, timeout: float) -> ExecResult:
         iso = self.isolation
@@ -391,7 +243,7 @@ class Executor:
             if not iso.namespaces:
                 shutil.rmtree(workdir, ignore_errors=True)
 
-    async def _supervise(self, proc: _SubprocessCall | _ZygoteCall, request: dict, timeout: float,
+    async def _supervise(self, proc: SubprocessCall | ZygoteCall, request: dict, timeout: float,
                          start: float) -> ExecResult:
         cap = self.limits.max_output_bytes
         ready, overflow = asyncio.Event(), asyncio.Event()
@@ -509,13 +361,13 @@ class Executor:
     # --- killing ----------------------------------------------------------------------------------------------
 
     @staticmethod
-    def _killpg(proc: _SubprocessCall | _ZygoteCall) -> None:
+    def _killpg(proc: SubprocessCall | ZygoteCall) -> None:
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
 
-    def _stop(self, proc: _SubprocessCall | _ZygoteCall) -> None:
+    def _stop(self, proc: SubprocessCall | ZygoteCall) -> None:
         """Stop a running call. With namespaces, SIGKILL the namespace's init (the child of ``proc``): the kernel
         then kills everything in the namespace and ``proc``, which waits for the init, exits once all of it is gone.
         Killing the whole group at once would orphan the init to the host's pid 1, whose reaping we would wait for.
@@ -534,7 +386,7 @@ class Executor:
                 return
         self._killpg(proc)
 
-    async def _kill(self, proc: _SubprocessCall | _ZygoteCall, uid: int | None) -> None:
+    async def _kill(self, proc: SubprocessCall | ZygoteCall, uid: int | None) -> None:
         """After a call: nothing of it may survive. With the pid namespace that already holds once ``proc`` exited
         (it outlives the namespace's init); otherwise kill the process group and, with the privilege drop, every
         process of the slot's uid."""
