@@ -49,8 +49,8 @@ def _require(sandbox, *layers: str) -> None:
         pytest.skip(f"sandbox layer(s) {missing} not available on this machine: {warnings}")
 
 
-def _sandbox_uid_pids() -> list[str]:
-    """Live processes owned by the test server's call uids."""
+def _leftover_processes() -> list[str]:
+    """/proc/PID/status of every live process owned by the test server's call uids."""
     pids = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -157,7 +157,7 @@ def test_fork_bomb_is_capped_by_nproc_and_leaves_no_process(sandbox, client):
     # the call process itself hits RLIMIT_NPROC (fork -> EAGAIN) or the timeout; either way all forks die with it
     assert hostile.status in ("error", "timeout"), hostile
     assert hostile.status == "timeout" or "BlockingIOError" in hostile.error
-    assert _sandbox_uid_pids() == []
+    assert _leftover_processes() == []
 
 
 def test_allocating_4_gib_is_a_memory_error(client):
@@ -225,7 +225,7 @@ def test_a_child_that_outlives_its_call_is_killed(sandbox, client):
     hostile, _, _ = _with_bystander(client, env, "detach()", 2)
     assert (hostile.status, hostile.result) == ("ok", "'parent done'"), hostile
     if sandbox.health["enforced"]["privilege_drop"]:
-        assert _sandbox_uid_pids() == []
+        assert _leftover_processes() == []
 
 
 def test_64_concurrent_calls_all_answer(client):
@@ -279,7 +279,7 @@ def test_the_per_call_unshare_path_isolates_alike(sandbox):
         assert c.execute("import time\n", "time.sleep(10)", timeout=1).status == "timeout"
         detach = "import os, time\ndef detach():\n    if os.fork() == 0:\n        os.setsid()\n        time.sleep(60)\n"
         assert c.execute(detach, "detach()").status == "ok"
-        assert _sandbox_uid_pids() == []
+        assert _leftover_processes() == []
 
 
 # --- the local server's lifetime and the Sandbox Fusion client ----------------------------------------------------
