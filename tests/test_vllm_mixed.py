@@ -293,7 +293,7 @@ def test_fsdp_worker_under_mixed_grpo_holds_one_policy_copy_and_syncs_it_once(ti
                                         "worker.rollout.vllm.max_num_batched_tokens=256"]))
     assert cfg.algorithm.adv_estimator == "mixed_grpo"
     path = cfg.worker.actor.model_path
-    worker = SimpleNamespace(config=cfg, device_type="cpu", tokenizer=load_tokenizer(path))
+    worker = SimpleNamespace(config=cfg, device_type="cpu", dev=torch.device("cpu"), tokenizer=load_tokenizer(path))
     FSDPWorker._init_vllm_rollout(worker)
     assert worker.engine is worker.mixed_engine.on_policy()
     parts = []
