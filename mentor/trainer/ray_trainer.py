@@ -31,7 +31,7 @@ from mentor.config.validate import to_yaml
 from mentor.data.dataset import ResumableSampler, RLDataset
 from mentor.data.questa import hinted_items
 from mentor.models.loader import load_tokenizer
-from mentor.protocol import Batch
+from mentor.protocol import Batch, loss_mask
 from mentor.rewards.inputs import build_reward_inputs, generation_eos_ids, place_on_last_token
 from mentor.rewards.pool import RewardPool
 from mentor.single_controller import WorkerDiedError
@@ -298,7 +298,7 @@ class RayTrainer:
     def update_gamma(self, scored: Batch) -> None:
         """gamma_p from the entropies of ``scored`` (rows per ``gamma.rows``; >= GAMMA_MIN, see algos/gamma.py)."""
         g = self.config.algorithm.mentor.gamma
-        self.gamma = algos.measure_gamma(scored["entropies"], scored["response_mask"], scored["is_mixed"],
+        self.gamma = algos.measure_gamma(scored["entropies"], loss_mask(scored), scored["is_mixed"],
                                          g.percentile, g.floor, g.rows, scored["is_expert"])
 
     def compute_rewards(self, batch: Batch, metrics: dict[str, Any]) -> None:
@@ -307,7 +307,7 @@ class RayTrainer:
         inputs = build_reward_inputs(texts, batch, self.eos_ids)
         scores, stats = self.reward_pool.score(inputs)
         overall = torch.tensor([s["overall"] for s in scores], dtype=torch.float32)
-        token_scores = place_on_last_token(overall, batch["response_mask"])  # [B, Lr]
+        token_scores = place_on_last_token(overall, loss_mask(batch))  # [B, Lr] last model-sampled token
         batch["token_level_scores"] = token_scores
         batch["token_level_rewards"] = token_scores
         for key in _score_keys(scores):  # overall, accuracy, format + the reward's own sub-scores (tool_match, ...)
@@ -316,7 +316,7 @@ class RayTrainer:
 
     def compute_advantages(self, batch: Batch, alpha: float) -> None:
         c = self.config
-        rewards, mask, index = batch["token_level_rewards"], batch["response_mask"], batch["uid"]
+        rewards, mask, index = batch["token_level_rewards"], loss_mask(batch), batch["uid"]
         if self.mentor and bool(batch["is_mixed"].any()):
             adv, ret = algos.compute_mixed_grpo_advantage(
                 rewards, mask, index, batch["is_mixed"], alpha, self.reward_range, c.algorithm.norm_eps)

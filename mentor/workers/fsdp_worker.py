@@ -82,10 +82,11 @@ def pad_to_width(seqs: dict[str, torch.Tensor], prompt_length: int, response_len
     prompts = pad(seqs["prompts"], (left, 0), value=pad_id)
     responses = pad(seqs["responses"], (0, right), value=pad_id)
     response_mask = pad(seqs["response_mask"], (0, right))
+    loss_mask = pad(seqs.get("response_loss_mask", seqs["response_mask"]), (0, right))
     attention_mask = torch.cat([pad(prompt_mask, (left, 0)), response_mask], dim=1)
     return {"prompts": prompts, "responses": responses, "response_mask": response_mask,
             "input_ids": torch.cat([prompts, responses], dim=1), "attention_mask": attention_mask,
-            "position_ids": positions_from_mask(attention_mask)}
+            "position_ids": positions_from_mask(attention_mask), "response_loss_mask": loss_mask}
 
 
 class FSDPWorker(Worker):
