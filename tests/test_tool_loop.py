@@ -148,3 +148,232 @@ def test_without_tool_tokens_the_loss_is_bit_identical_to_a_batch_without_the_ke
     torch.testing.assert_close(loss2, loss, rtol=0, atol=0)
     for name in grads:
         torch.testing.assert_close(grads2[name], grads[name], rtol=0, atol=0, msg=name)
+
+
+# ----------------------------------------------------------------------------- the tool loop
+
+import json  # noqa: E402
+
+from mentor.models._tiny_tokenizer import train_tokenizer  # noqa: E402
+from mentor.tools.calls import ToolSet  # noqa: E402
+from mentor.tools.executor import SandboxExecutor, UnsafeLocalExecutor  # noqa: E402
+from mentor.workers.rollout.base import SamplingParams  # noqa: E402
+from mentor.workers.rollout.hf_engine import HFMixedRolloutEngine, HFRolloutEngine  # noqa: E402
+from mentor.workers.rollout.tool_loop import TOOL_STAT_KEYS, ToolRolloutLoop  # noqa: E402
+
+ADD = {"type": "function", "function": {"name": "add", "description": "a + b", "parameters": {
+    "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}}}
+TOOLS = ToolSet([ADD], "def add(a, b):\n    return a + b\n")
+
+
+def call(name="add", **arguments) -> str:
+    return "<tool_call>" + json.dumps({"name": name, "arguments": arguments}) + "</tool_call>"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    corpus = ["user\nWhat is 12 + 30?\nassistant\n" + call(a=12, b=30) + " The answer is 42.",
+              "<tool_response>result: \n42\n</tool_response> error: unknown tool Parse failed invalid JSON"] * 20
+    return train_tokenizer(corpus, vocab_size=300)
+
+
+def encode(tok, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def prompt(tok, question: str) -> list[int]:
+    return encode(tok, tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                               add_generation_prompt=True))
+
+
+class ScriptedEngine:
+    """Emits scripted turns: ``scripts[prompt] = [turn text, ...]``, each turn's ids + eos (cut at max_new_tokens).
+
+    Rows are recognised by their prompt (a prefix of the context the loop passes); after the script, ``fallback``
+    (a real engine) generates, with its trace mapped to (row of the first call, offset in the full response)."""
+
+    def __init__(self, tok, scripts: dict[tuple[int, ...], list[str]], eos: int, fallback=None):
+        self.tok, self.eos, self.fallback = tok, eos, fallback
+        self.scripts = {p: [encode(tok, t) + [eos] for t in turns] for p, turns in scripts.items()}
+        self.turn = dict.fromkeys(scripts, 0)
+        self.contexts: list[list[list[int]]] = []
+        self.traced: list[tuple[tuple[int, ...], int, torch.Tensor]] = []  # (prompt, response offset, probs [V])
+
+    def _prompt_of(self, context):
+        return next(p for p in self.scripts if tuple(context[:len(p)]) == p)
+
+    def generate(self, prompt_ids, params, generator, **kw):
+        self.contexts.append(prompt_ids)
+        rows, real = [], []
+        for ctx in prompt_ids:
+            p = self._prompt_of(ctx)
+            t = self.turn[p]
+            self.turn[p] += 1
+            if t < len(self.scripts[p]):
+                rows.append(self.scripts[p][t][:params.max_new_tokens])
+            else:
+                rows.append(None)
+                real.append(ctx)
+        if real:
+            base = [(self._prompt_of(c), len(c) - len(self._prompt_of(c))) for c in real]
+
+            def hook(t):
+                for r, off, p in zip(t.rows.tolist(), t.offset.tolist(), t.p[:, 0]):
+                    self.traced.append((base[r][0], base[r][1] + off, p))
+
+            self.fallback.trace = hook
+            out = self.fallback.generate(real, params, generator, **kw)
+            gen = iter([r[m.bool()].tolist() for r, m in zip(out.responses, out.response_mask)])
+            rows = [r if r is not None else next(gen) for r in rows]
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([r + [PAD] * (width - len(r)) for r in rows])
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+        return RolloutOutput(ids, mask, {"tokens_emitted": float(mask.sum())})
+
+
+def test_loop_appends_tool_turns_with_loss_mask_zero_and_keeps_sampled_ids(tok):
+    eos = tok.eos_token_id
+    p0, p1 = prompt(tok, "What is 12 + 30?"), prompt(tok, "Hi")
+    scripts = {tuple(p0): ["I will add. " + call(a=12, b=30), "The answer is 42."], tuple(p1): ["Hello."]}
+    engine = ScriptedEngine(tok, scripts, eos)
+    executor = UnsafeLocalExecutor()
+    loop = ToolRolloutLoop(engine, tok, executor, [eos], PAD, max_turns=5)
+    out = loop.generate([p0, p1], [TOOLS, TOOLS], SamplingParams(200), torch.Generator())
+    assert executor.calls == ["add(a=12, b=30)"]
+    turn1, turn2 = engine.scripts[tuple(p0)]
+    tool_text = ("\n<|im_start|>user\n<tool_response>" + json.dumps({"name": "add", "arguments": {"a": 12, "b": 30}})
+                 + "\nresult: \n42\n</tool_response>\n<|im_end|>\n<|im_start|>assistant\n")
+    tool_ids = encode(tok, tool_text)
+    row0 = turn1 + tool_ids + turn2
+    assert out.responses[0, :len(row0)].tolist() == row0
+    assert out.loss_mask()[0, :len(row0)].tolist() == [1] * len(turn1) + [0] * len(tool_ids) + [1] * len(turn2)
+    assert out.response_mask[0].sum() == len(row0)
+    row1 = engine.scripts[tuple(p1)][0]
+    assert out.responses[1, :len(row1)].tolist() == row1 and out.loss_mask()[1].sum() == len(row1)
+    # the second turn was generated from prompt + turn 1 + tool turn
+    assert engine.contexts[1] == [p0 + turn1 + tool_ids]
+    s = out.stats
+    assert set(TOOL_STAT_KEYS) <= set(s)
+    assert (s["tool/calls"], s["tool/valid_calls"], s["tool/turns"], s["tool/rows"], s["tool/rows_with_calls"]) == (
+        1, 1, 3, 2, 1)
+    assert s["tool/tool_tokens"] == len(tool_ids) and s["tool/sampled_tokens"] == len(turn1) + len(turn2) + len(row1)
+
+
+
+def _tool_turn(tok, out, row: int) -> str:
+    """The decoded tool-output tokens of ``row`` (loss mask 0, attention 1)."""
+    tool = (out.response_mask[row] - out.loss_mask()[row]).bool()
+    return tok.decode(out.responses[row][tool].tolist(), skip_special_tokens=False)
+
+
+def test_malformed_calls_become_error_text_and_are_counted(tok):
+    eos = tok.eos_token_id
+    p0, p1 = prompt(tok, "a"), prompt(tok, "b")
+    turn = ("<tool_call>{not json}</tool_call>" + call("mul", a=1, b=2) + call(a="x", b=2)
+            + '<tool_call>{"arguments": {}}</tool_call>' + call(a=1, b=2))
+    scripts = {tuple(p0): [turn, "done"], tuple(p1): ["<tool_call>" + call(a=1, b=2)]}  # unbalanced: no calls
+    executor = UnsafeLocalExecutor()
+    out = ToolRolloutLoop(ScriptedEngine(tok, scripts, eos), tok, executor, [eos], PAD).generate(
+        [p0, p1], [TOOLS, TOOLS], SamplingParams(2000), torch.Generator())
+    assert executor.calls == ["add(a=1, b=2)"]  # only the well-formed call reached the executor
+    text = _tool_turn(tok, out, 0)
+    assert text.count("<tool_response>") == 5
+    assert "Parse tool call failed: invalid JSON" in text
+    assert "unknown tool 'mul'; available tools: add" in text
+    assert "argument 'a' of add must be an integer" in text
+    assert "Parse tool call failed: the call has no \"name\" string" in text
+    assert "result: \n3" in text
+    s = out.stats
+    assert (s["tool/calls"], s["tool/valid_calls"], s["tool/error_bad_json"], s["tool/error_unknown_tool"],
+            s["tool/error_bad_arguments"], s["tool/error_missing_name"]) == (5, 1, 1, 1, 1, 1)
+    assert out.loss_mask()[1].sum() == out.response_mask[1].sum()  # row 1 ended: unbalanced tags are no call
+    assert s["tool/rows_with_calls"] == 1 and s["tool/turns"] == 3
+
+
+def test_rows_without_tools_or_with_a_failing_tool_never_crash(tok):
+    eos = tok.eos_token_id
+    p0, p1 = prompt(tok, "a"), prompt(tok, "b")
+    broken = ToolSet([ADD], "def add(a, b):\n    return a // 0\n")
+    scripts = {tuple(p0): [call(a=1, b=2), "ok"], tuple(p1): [call(a=1, b=2)]}
+    out = ToolRolloutLoop(ScriptedEngine(tok, scripts, eos), tok, UnsafeLocalExecutor(), [eos], PAD).generate(
+        [p0, p1], [broken, None], SamplingParams(300), torch.Generator())
+    assert "error: \nZeroDivisionError: integer division or modulo by zero" in _tool_turn(tok, out, 0)
+    assert out.loss_mask()[1].sum() == out.response_mask[1].sum()  # no tool set: single turn
+    assert out.stats["tool/calls"] == 1  # row 1's call is not parsed at all
+
+
+def test_max_turns_caps_assistant_turns_and_last_turn_calls_are_not_run(tok):
+    eos = tok.eos_token_id
+    p0 = prompt(tok, "a")
+    engine = ScriptedEngine(tok, {tuple(p0): [call(a=i, b=1) for i in range(10)]}, eos)
+    executor = UnsafeLocalExecutor()
+    out = ToolRolloutLoop(engine, tok, executor, [eos], PAD, max_turns=3).generate(
+        [p0], [TOOLS], SamplingParams(1000), torch.Generator())
+    assert executor.calls == ["add(a=0, b=1)", "add(a=1, b=1)"]  # turn 3's call would never be read
+    assert len(engine.contexts) == 3
+    assert out.stats["tool/turns"] == 3 and out.stats["tool/calls_unanswered"] == 1
+    n = int(out.response_mask[0].sum())
+    assert out.responses[0, n - 1] == eos and out.loss_mask()[0, n - 1] == 1  # ends with the model's own eos
+
+
+@pytest.mark.parametrize("budget_after_turn1", [0, 5])
+def test_response_length_caps_the_whole_response_tool_tokens_included(tok, budget_after_turn1):
+    eos = tok.eos_token_id
+    p0, p1 = prompt(tok, "a"), prompt(tok, "b")
+    turn1 = encode(tok, call(a=1, b=2)) + [eos]
+    budget = len(turn1) + budget_after_turn1
+    scripts = {tuple(p0): [call(a=1, b=2), "the end"], tuple(p1): ["x" * 50]}
+    out = ToolRolloutLoop(ScriptedEngine(tok, scripts, eos), tok, UnsafeLocalExecutor(), [eos], PAD).generate(
+        [p0, p1], [TOOLS, TOOLS], SamplingParams(budget), torch.Generator())
+    lengths = out.response_mask.sum(-1).tolist()
+    assert lengths == [budget, budget]  # row 0: turn 1 + the first tokens of its tool turn; row 1: cut turn
+    assert out.loss_mask()[0].tolist() == [1] * len(turn1) + [0] * budget_after_turn1
+    assert out.stats["tool/rows_cut_in_tool_turn"] == float(budget_after_turn1 > 0)
+    assert out.stats["tool/turns"] == 2  # nothing generated after the cut
+
+
+def test_long_tool_results_are_cut_to_max_tool_response_tokens(tok):
+    eos = tok.eos_token_id
+    p0 = prompt(tok, "a")
+    long_tool = ToolSet([ADD], "def add(a, b):\n    return 'ab' * 200\n")
+    out = ToolRolloutLoop(ScriptedEngine(tok, {tuple(p0): [call(a=1, b=2), "ok"]}, eos), tok, UnsafeLocalExecutor(),
+                          [eos], PAD, max_tool_response_tokens=6).generate([p0], [long_tool], SamplingParams(500),
+                                                                            torch.Generator())
+    text = _tool_turn(tok, out, 0)
+    assert "...(truncated)" in text and "abab" * 50 not in text
+    assert out.stats["tool/results_truncated"] == 1
+
+
+def test_loop_arguments_are_checked_and_name_the_config_key(tok):
+    with pytest.raises(ValueError, match="multi_turn.max_turns"):
+        ToolRolloutLoop(None, tok, UnsafeLocalExecutor(), [2], PAD, max_turns=0)
+    with pytest.raises(ValueError, match="multi_turn.format"):
+        ToolRolloutLoop(None, tok, UnsafeLocalExecutor(), [2], PAD, format="xml")
+
+
+class FakeClient:
+    def __init__(self):
+        self.seen = []
+
+    def execute(self, env, call, timeout=5.0):
+        self.seen.append((env, call, timeout))
+        return {"output": "", "result": "3", "error": None}
+
+
+class FakeBatchClient(FakeClient):
+    def execute_many(self, calls, timeout=5.0):
+        self.seen.extend((env, c, timeout) for env, c in calls)
+        return [{"output": "hi", "result": None, "error": "boom"} for _ in calls]
+
+
+def test_sandbox_executor_sends_env_and_call_string_and_reads_replies():
+    from mentor.tools.calls import parse_tool_call
+    from mentor.tools.executor import ToolRequest
+
+    req = [ToolRequest(TOOLS, parse_tool_call(json.dumps({"name": "add", "arguments": {"a": 1, "b": 2}}), TOOLS))]
+    single = FakeClient()
+    assert SandboxExecutor(single, timeout_s=2.0).run(req * 2) == ["result: \n3"] * 2
+    assert single.seen == [(TOOLS.env, "add(a=1, b=2)", 2.0)] * 2
+    batched = FakeBatchClient()
+    assert SandboxExecutor(batched).run(req) == ["output: \nhi\nerror: \nboom"]
+    assert SandboxExecutor(batched).run([]) == []
