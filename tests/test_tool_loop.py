@@ -204,7 +204,7 @@ class ScriptedEngine:
 
     def generate(self, prompt_ids, params, generator, **kw):
         self.contexts.append(prompt_ids)
-        rows, real = [], []
+        rows, real, stats = [], [], {}
         for ctx in prompt_ids:
             p = self._prompt_of(ctx)
             t = self.turn[p]
@@ -217,18 +217,20 @@ class ScriptedEngine:
         if real:
             base = [(self._prompt_of(c), len(c) - len(self._prompt_of(c))) for c in real]
 
-            def hook(t):
-                for r, off, p in zip(t.rows.tolist(), t.offset.tolist(), t.p[:, 0]):
-                    self.traced.append((base[r][0], base[r][1] + off, p))
+            def hook(t):  # positions j < n_emitted of a round are conditioned on the final prefix
+                for r, off, p, n in zip(t.rows.tolist(), t.offset.tolist(), t.p, t.n_emitted.tolist()):
+                    for j in range(n):
+                        self.traced.append((base[r][0], base[r][1] + off + j, p[j]))
 
             self.fallback.trace = hook
             out = self.fallback.generate(real, params, generator, **kw)
+            stats = dict(out.stats)
             gen = iter([r[m.bool()].tolist() for r, m in zip(out.responses, out.response_mask)])
             rows = [r if r is not None else next(gen) for r in rows]
         width = max(len(r) for r in rows)
         ids = torch.tensor([r + [PAD] * (width - len(r)) for r in rows])
         mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-        return RolloutOutput(ids, mask, {"tokens_emitted": float(mask.sum())})
+        return RolloutOutput(ids, mask, {**stats, "tokens_emitted": float(mask.sum())})
 
 
 def test_loop_appends_tool_turns_with_loss_mask_zero_and_keeps_sampled_ids(tok):
@@ -377,3 +379,81 @@ def test_sandbox_executor_sends_env_and_call_string_and_reads_replies():
     batched = FakeBatchClient()
     assert SandboxExecutor(batched).run(req) == ["output: \nhi\nerror: \nboom"]
     assert SandboxExecutor(batched).run([]) == []
+
+
+# ----------------------------------------------------------------------------- exactness over real engines
+
+
+def _check_actor_matches_engine(model, engine, prompts, out, temperature) -> int:
+    """Actor log-probs (full forward over build_sequences, tool tokens attended) of every traced sampled token
+    equal log p of the engine's step distribution; returns how many tokens were compared."""
+    seqs = build_sequences(prompts, out, PAD)
+    actor = Actor(model, ActorConfig(model_path="x", micro_batch_size_per_device=8))
+    lp = actor.compute_log_probs(Batch(tensors=seqs), temperature, with_entropy=False)["log_probs"]  # [B, Lr]
+    row_of = {tuple(p): i for i, p in enumerate(prompts)}
+    lengths = out.response_mask.sum(-1)
+    checked = 0
+    for p, pos, probs in engine.traced:
+        i = row_of[p]
+        if pos >= lengths[i]:  # drawn beyond the row's remaining budget and cut
+            continue
+        assert out.loss_mask()[i, pos] == 1
+        token = out.responses[i, pos]
+        # fp32, KV cache vs one full forward over ~200 tokens: reassociation only (a wrong prefix is off by >> 1e-2)
+        torch.testing.assert_close(lp[i, pos], probs[token].log(), atol=1e-4, rtol=1e-5)
+        checked += 1
+    return checked
+
+
+def test_actor_log_probs_equal_engine_log_probs_across_tool_turns(tok):
+    eos = tok.eos_token_id
+    model = tiny_qwen2(4, vocab=len(tok))
+    prompts = [prompt(tok, "What is 12 + 30?"), prompt(tok, "What is 1 + 2?"), prompt(tok, "Hi")]
+    scripts = {tuple(prompts[0]): ["I will add. " + call(a=12, b=30)],
+               tuple(prompts[1]): [call(a=1, b=2) + call(a=3, b=4)], tuple(prompts[2]): []}
+    engine = ScriptedEngine(tok, scripts, eos, fallback=HFRolloutEngine(model, [eos], PAD))
+    params = SamplingParams(160, temperature=0.8)
+    out = ToolRolloutLoop(engine, tok, UnsafeLocalExecutor(), [eos], PAD).generate(
+        prompts, [TOOLS] * 3, params, torch.Generator().manual_seed(0))
+    tool = out.response_mask - out.loss_mask()
+    assert tool[0].sum() > 0 and tool[1].sum() > 0 and tool[2].sum() == 0
+    checked = _check_actor_matches_engine(model, engine, prompts, out, 0.8)
+    scripted = sum(len(t) for turns in engine.scripts.values() for t in turns)
+    assert checked == int(out.loss_mask().sum()) - scripted  # every model-sampled token was compared
+    # the check has power: with the tool tokens hidden from attention the turn after them scores differently
+    hidden = RolloutOutput(out.responses, out.loss_mask(), response_loss_mask=out.loss_mask())
+    lp = Actor(model, ActorConfig(model_path="x")).compute_log_probs(
+        Batch(tensors=build_sequences(prompts, hidden, PAD)), 0.8, with_entropy=False)["log_probs"]
+    full = Actor(model, ActorConfig(model_path="x")).compute_log_probs(
+        Batch(tensors=build_sequences(prompts, out, PAD)), 0.8, with_entropy=False)["log_probs"]
+    after_tools = out.loss_mask()[0].bool() & (tool[0].cumsum(-1) > 0)  # row 0's tokens after its tool turn
+    assert (lp[0, after_tools] - full[0, after_tools]).abs().max() > 1e-2
+
+
+def test_mixed_engine_through_the_loop_stays_exact(tok):
+    eos = tok.eos_token_id
+    policy, expert = tiny_qwen2(4, vocab=len(tok)), tiny_qwen2(5, vocab=len(tok))
+    prompts = [prompt(tok, "What is 12 + 30?"), prompt(tok, "Hi")]
+    scripts = {tuple(prompts[0]): [call(a=12, b=30)], tuple(prompts[1]): []}
+    engine = ScriptedEngine(tok, scripts, eos, fallback=HFMixedRolloutEngine(policy, expert, [eos], PAD))
+    out = ToolRolloutLoop(engine, tok, UnsafeLocalExecutor(), [eos], PAD).generate(
+        prompts, [TOOLS] * 2, SamplingParams(120, temperature=1.0), torch.Generator().manual_seed(1),
+        gamma=0.5, k=3)
+    assert out.stats["tokens_guided"] > 0  # the expert did guide tokens after the tool turn
+    checked = _check_actor_matches_engine(policy, engine, prompts, out, 1.0)
+    scripted = sum(len(t) for turns in engine.scripts.values() for t in turns)
+    assert checked == int(out.loss_mask().sum()) - scripted
+
+
+def test_without_tool_calls_the_loop_equals_the_engine(tok):
+    eos = tok.eos_token_id
+    model = tiny_qwen2(6, vocab=len(tok))
+    prompts = [prompt(tok, "a"), prompt(tok, "bb"), prompt(tok, "ccc")]
+    params = SamplingParams(40, temperature=1.0)
+    engine = HFRolloutEngine(model, [eos], PAD)
+    ref = engine.generate(prompts, params, torch.Generator().manual_seed(7))
+    out = ToolRolloutLoop(engine, tok, UnsafeLocalExecutor(), [eos], PAD).generate(
+        prompts, [TOOLS, None, TOOLS], params, torch.Generator().manual_seed(7))
+    assert torch.equal(out.responses, ref.responses) and torch.equal(out.response_mask, ref.response_mask)
+    assert torch.equal(out.loss_mask(), ref.response_mask)
+    assert out.stats["tokens_emitted"] == ref.stats["tokens_emitted"] and out.stats["tool/calls"] == 0
