@@ -457,3 +457,28 @@ def test_without_tool_calls_the_loop_equals_the_engine(tok):
     assert torch.equal(out.responses, ref.responses) and torch.equal(out.response_mask, ref.response_mask)
     assert torch.equal(out.loss_mask(), ref.response_mask)
     assert out.stats["tokens_emitted"] == ref.stats["tokens_emitted"] and out.stats["tool/calls"] == 0
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize("override,key", [
+    ("worker.rollout.multi_turn.max_turns=0", "multi_turn.max_turns"),
+    ("worker.rollout.multi_turn.max_tool_response_tokens=0", "multi_turn.max_tool_response_tokens"),
+    ("worker.rollout.multi_turn.format=xml", "multi_turn.format"),
+    ("worker.rollout.multi_turn.sandbox_kind=docker", "multi_turn.sandbox_kind"),
+    ("worker.rollout.multi_turn.tool_timeout_s=0", "multi_turn.tool_timeout_s"),
+])
+def test_multi_turn_config_errors_name_the_key(override, key):
+    from mentor.config.validate import ConfigError, compose, validate
+
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate(compose("tiny_cpu", [override]))
+
+
+def test_multi_turn_config_defaults_validate():
+    from mentor.config.validate import compose, validate
+
+    c = validate(compose("tiny_cpu", ["worker.rollout.multi_turn.enable=true"]))
+    mt = c.worker.rollout.multi_turn
+    assert (mt.enable, mt.max_turns, mt.format, mt.sandbox_url) == (True, 5, "hermes", None)

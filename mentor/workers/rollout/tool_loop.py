@@ -40,8 +40,8 @@ from typing import Any
 
 import torch
 
-from mentor.tools.calls import CallError, ToolCall, ToolSet, parse_tool_calls, tool_call_stats, tool_response_content, \
-    tool_turn_text
+from mentor.tools.calls import (CallError, ToolCall, ToolSet, parse_tool_calls, tool_call_stats,
+                                tool_response_content, tool_turn_text)
 from mentor.tools.executor import ToolExecutor, ToolRequest
 from mentor.workers.rollout.base import RolloutEngine, RolloutOutput, SamplingParams, check_prompts
 
