@@ -482,3 +482,85 @@ def test_multi_turn_config_defaults_validate():
     c = validate(compose("tiny_cpu", ["worker.rollout.multi_turn.enable=true"]))
     mt = c.worker.rollout.multi_turn
     assert (mt.enable, mt.max_turns, mt.format, mt.sandbox_url) == (True, 5, "hermes", None)
+
+
+# ----------------------------------------------------------------------------- the worker's generate path
+
+
+class _FakeSandboxClient:
+    def __init__(self, url):
+        self.url = url
+
+    def execute_many(self, calls, timeout=5.0):
+        return [{"output": "", "result": "3", "error": None} for _ in calls]
+
+
+def test_worker_generate_runs_rows_through_the_loop_with_their_tools(tok, monkeypatch):
+    import mentor.tools.sandbox_client as sandbox_client
+    from mentor.config.validate import compose, validate
+    from mentor.workers.fsdp_worker import FSDPWorker
+
+    monkeypatch.setattr(sandbox_client, "SandboxClient", _FakeSandboxClient)
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(key, value)
+    cfg = validate(compose("tiny_cpu", ["algorithm.adv_estimator=grpo", "worker.rollout.multi_turn.enable=true",
+                                        "data.max_response_length=300", "data.max_prompt_length=64"]))
+    worker = FSDPWorker(cfg)
+    eos = tok.eos_token_id
+    p0, p1 = prompt(tok, "What is 1 + 2?"), prompt(tok, "Hi")
+    worker.tokenizer, worker.eos_ids, worker.pad_id = tok, [eos], PAD
+    worker.engine = ScriptedEngine(tok, {tuple(p0): [call(a=1, b=2), "3"], tuple(p1): [call(a=1, b=2)]}, eos)
+    batch = Batch(non_tensors={"prompt_ids": [p0, p1], "func_schemas": [json.dumps([ADD]), None],
+                               "env": [TOOLS.env, None]},
+                  meta={"phase": "on", "step": 1, "temperature": 1.0, "sandbox_url": "http://127.0.0.1:1"})
+    out = worker.generate(batch)
+    assert out["responses"].shape == (2, 300) and out["input_ids"].shape == (2, 364)
+    tool = out["response_mask"] - out["response_loss_mask"]
+    assert tool[0].sum() > 0 and tool[1].sum() == 0  # row 1 has no tools: its call text is just text
+    assert "result: \n3" in tok.decode(out["responses"][0][tool[0].bool()].tolist())
+    metrics = out.meta["metrics"]
+    assert (metrics["tool/calls"], metrics["tool/rows"], metrics["tool/turns"]) == (1, 2, 3)
+    assert list(worker._sandbox_clients) == ["http://127.0.0.1:1"]
+
+
+def test_driver_tool_metrics_are_rates_over_responses():
+    from mentor.trainer.ray_trainer import _engine_metrics
+
+    stats = {"tool/rows": [4.0, 4.0], "tool/turns": [8.0, 4.0], "tool/calls": [6.0, 2.0], "tool/valid_calls": [4.0, 2.0],
+             "tool/error_bad_json": [2.0, 0.0], "tool/rows_with_calls": [3.0, 1.0], "tokens_emitted": [50.0, 30.0]}
+    m = _engine_metrics(stats, "on")
+    # 12 turns / 8 rows = 1.5; 8 calls / 8 rows = 1; 6 valid of 8 calls = 0.75; 2 bad JSON of 8 = 0.25
+    assert m["tool/turns_per_response"] == 1.5 and m["tool/calls_per_response"] == 1.0
+    assert m["tool/valid_call_rate"] == 0.75 and m["tool/error_bad_json_rate"] == 0.25
+    assert m["tool/rows_with_calls"] == 0.5
+    assert "tool/turns_per_response_mix" in _engine_metrics(stats, "mixed")
+    assert _engine_metrics({"tokens_emitted": [3.0]}, "on") == {}
+
+
+def test_driver_starts_one_local_sandbox_unless_a_url_is_given(monkeypatch):
+    from types import SimpleNamespace
+
+    import mentor.tools.sandbox_client as sandbox_client
+    from mentor.config.schema import MentorRunConfig
+    from mentor.trainer.ray_trainer import RayTrainer
+
+    started = []
+
+    class FakeLocalSandbox:
+        def start(self):
+            started.append(self)
+            self.url, self.stopped = f"http://127.0.0.1:{9000 + len(started)}", False
+            return self
+
+        def stop(self):
+            self.stopped = True
+
+    monkeypatch.setattr(sandbox_client, "LocalSandbox", FakeLocalSandbox)
+    cfg = MentorRunConfig()
+    driver = SimpleNamespace(config=cfg)
+    assert RayTrainer.sandbox_url(driver) == RayTrainer.sandbox_url(driver) == "http://127.0.0.1:9001"
+    assert len(started) == 1
+    RayTrainer.stop_sandbox(driver)
+    assert started[0].stopped and driver._sandbox is None
+    cfg.worker.rollout.multi_turn.sandbox_url = "http://10.0.0.1:8080"
+    assert RayTrainer.sandbox_url(driver) == "http://10.0.0.1:8080" and len(started) == 1
