@@ -150,6 +150,23 @@ def test_without_tool_tokens_the_loss_is_bit_identical_to_a_batch_without_the_ke
         torch.testing.assert_close(grads2[name], grads[name], rtol=0, atol=0, msg=name)
 
 
+def test_step_metrics_count_entropy_on_sampled_tokens_and_length_on_all():
+    from mentor.trainer.metrics import rollout_metrics
+
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    loss = torch.tensor([[1, 0, 0, 1], [1, 1, 0, 0]])
+    batch = Batch(tensors={"responses": torch.ones(2, 4, dtype=torch.long), "response_mask": mask,
+                           "response_loss_mask": loss, "is_mixed": torch.tensor([False, False]),
+                           "entropies": torch.tensor([[1.0, 9.0, 9.0, 3.0], [2.0, 2.0, 0.0, 0.0]]),
+                           "advantages": torch.tensor([[1.0, 5.0, 5.0, 1.0], [-1.0, -1.0, 0.0, 0.0]]),
+                           **{f"reward_{k}": torch.zeros(2) for k in ("overall", "accuracy", "format")}})
+    m = rollout_metrics(batch, tokenizer=None, reasoning_words=[])
+    assert m["actor/entropy"] == pytest.approx((1 + 3 + 2 + 2) / 4)  # the tool tokens' 9s are not counted
+    assert m["critic/advantages_mean"] == pytest.approx(0.0)  # (1 + 1 - 1 - 1) / 4
+    assert m["response_length/mean"] == 3.0 and m["response_length/max"] == 4.0  # (4 + 2) / 2, tool tokens in
+    assert m["response_length/clip_ratio"] == 0.5
+
+
 # ----------------------------------------------------------------------------- the tool loop
 
 import json  # noqa: E402
@@ -564,3 +581,18 @@ def test_driver_starts_one_local_sandbox_unless_a_url_is_given(monkeypatch):
     assert started[0].stopped and driver._sandbox is None
     cfg.worker.rollout.multi_turn.sandbox_url = "http://10.0.0.1:8080"
     assert RayTrainer.sandbox_url(driver) == "http://10.0.0.1:8080" and len(started) == 1
+
+
+def test_loop_with_the_real_sandbox_server(tok):
+    """The loop's calls go through SandboxExecutor to a LocalSandbox child process and come back as tool turns."""
+    from mentor.tools.sandbox_client import LocalSandbox
+
+    eos = tok.eos_token_id
+    p0 = prompt(tok, "What is 12 + 30?")
+    with LocalSandbox(max_concurrency=4) as box:
+        loop = ToolRolloutLoop(ScriptedEngine(tok, {tuple(p0): [call(a=12, b=30) + call(a=1, b=1), "42"]}, eos), tok,
+                               SandboxExecutor(box.client, timeout_s=5.0), [eos], PAD)
+        out = loop.generate([p0], [TOOLS], SamplingParams(600), torch.Generator())
+    text = _tool_turn(tok, out, 0)
+    assert "result: \n42" in text and "result: \n2" in text
+    assert out.stats["tool/valid_calls"] == 2
