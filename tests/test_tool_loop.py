@@ -368,6 +368,16 @@ def test_long_tool_results_are_cut_to_max_tool_response_tokens(tok):
     assert out.stats["tool/results_truncated"] == 1
 
 
+def test_a_chat_template_that_cannot_append_a_tool_turn_fails_at_construction(tok):
+    import copy
+
+    bad = copy.deepcopy(tok)
+    # renders only the last message: earlier turns are not a prefix once a user turn follows
+    bad.chat_template = "{{- '<|im_start|>' + messages[-1]['role'] + '\\n' + messages[-1]['content'] + '<|im_end|>' }}"
+    with pytest.raises(ValueError, match="tool_turn_text"):
+        ToolRolloutLoop(None, bad, UnsafeLocalExecutor(), [2], PAD)
+
+
 def test_loop_arguments_are_checked_and_name_the_config_key(tok):
     with pytest.raises(ValueError, match="multi_turn.max_turns"):
         ToolRolloutLoop(None, tok, UnsafeLocalExecutor(), [2], PAD, max_turns=0)

@@ -91,6 +91,7 @@ class ToolRolloutLoop:
         self.pad_token_id = pad_token_id
         self.max_turns, self.max_tool_response_tokens = max_turns, max_tool_response_tokens
         self.generation_prefix = generation_prefix
+        tool_turn_text(tokenizer, "<tool_response>probe\n</tool_response>\n")  # a template that cannot: fail now
 
     def generate(self, prompt_ids: list[list[int]], tools: Sequence[ToolSet | None], params: SamplingParams,
                  generator: torch.Generator, **engine_kwargs: Any) -> RolloutOutput:
