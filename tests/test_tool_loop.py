@@ -593,6 +593,8 @@ def test_driver_tool_metrics_are_rates_over_responses():
     assert m["tool/turns_per_response"] == 1.5 and m["tool/calls_per_response"] == 1.0
     assert m["tool/valid_call_rate"] == 0.75 and m["tool/error_bad_json_rate"] == 0.25
     assert m["tool/rows_with_calls"] == 0.5
+    timed = _engine_metrics({**stats, "tool/gen_seconds": [3.0, 3.0], "tool/tool_seconds": [1.0, 1.0]}, "on")
+    assert timed["tool/wait_share"] == 0.25  # 2 s on tools of 8 s
     assert "tool/turns_per_response_mix" in _engine_metrics(stats, "mixed")
     assert _engine_metrics({"tokens_emitted": [3.0]}, "on") == {}
 

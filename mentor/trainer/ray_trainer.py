@@ -447,6 +447,8 @@ def _tool_metrics(total: dict[str, float], suffix: str) -> dict[str, float]:
            f"tool/results_truncated{suffix}": total.get("tool/results_truncated", 0.0),
            f"tool/calls_unanswered{suffix}": total.get("tool/calls_unanswered", 0.0),
            f"tool/rows_cut_in_tool_turn{suffix}": total.get("tool/rows_cut_in_tool_turn", 0.0)}
+    seconds = total.get("tool/gen_seconds", 0.0) + total.get("tool/tool_seconds", 0.0)
+    out[f"tool/wait_share{suffix}"] = total.get("tool/tool_seconds", 0.0) / seconds if seconds > 0 else 0.0
     for key in [k for k in total if k.startswith("tool/error_")]:
         out[f"{key}_rate{suffix}"] = total[key] / calls
     return out

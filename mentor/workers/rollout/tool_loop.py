@@ -34,6 +34,7 @@ Shapes: B rows, Lr longest response of the batch.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
@@ -55,9 +56,11 @@ TOOL_STAT_KEYS = (
     "tool/calls", "tool/valid_calls", "tool/error_bad_json", "tool/error_missing_name", "tool/error_unknown_tool",
     "tool/error_bad_arguments", "tool/calls_unanswered", "tool/results_truncated", "tool/turns", "tool/rows",
     "tool/rows_with_calls", "tool/tool_turns", "tool/tool_tokens", "tool/sampled_tokens", "tool/rows_cut_in_tool_turn",
+    "tool/gen_seconds", "tool/tool_seconds",
 )
 """Sums over rows (add them over ranks): every call parsed and its kind; assistant turns (``tool/turns`` /
-``tool/rows`` = turns per response); rows that made >= 1 call; tool turns appended and their tokens; sampled tokens."""
+``tool/rows`` = turns per response); rows that made >= 1 call; tool turns appended and their tokens; sampled tokens;
+wall seconds in the engine and waiting on the executor (their ratio is the share of rollout time spent on tools)."""
 
 
 class ToolRolloutLoop:
@@ -114,8 +117,10 @@ class ToolRolloutLoop:
             if not active:
                 break
             room = [budget - len(responses[i]) for i in active]
+            start = time.perf_counter()
             out = self.engine.generate([prompt_ids[i] + responses[i] for i in active],
                                        replace(params, max_new_tokens=max(room)), generator, **engine_kwargs)
+            stats["tool/gen_seconds"] += time.perf_counter() - start
             for key, value in out.stats.items():
                 stats[key] = stats.get(key, 0.0) + float(value)
             pending: list[tuple[int, list[ToolCall | CallError]]] = []
@@ -147,7 +152,9 @@ class ToolRolloutLoop:
                 stats: dict[str, float]) -> list[int]:
         """Run the calls of this turn, append each row's tool turn (loss 0); returns the rows still active."""
         requests = [ToolRequest(tools[i], c) for i, calls in pending for c in calls if isinstance(c, ToolCall)]
+        start = time.perf_counter()
         results = iter(self.executor.run(requests))
+        stats["tool/tool_seconds"] += time.perf_counter() - start
         still_active = []
         for i, calls in pending:
             blocks = [(c, self._cap(next(results), stats) if isinstance(c, ToolCall) else c.text()) for c in calls]
