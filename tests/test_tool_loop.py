@@ -641,3 +641,24 @@ def test_loop_with_the_real_sandbox_server(tok):
     text = _tool_turn(tok, out, 0)
     assert "result: \n42" in text and "result: \n2" in text
     assert out.stats["tool/valid_calls"] == 2
+
+
+# ----------------------------------------------------------------------------- per-row caps in the engines
+
+
+def test_row_caps_stop_each_row_and_equal_caps_change_nothing():
+    model = tiny_qwen2(2)
+    prompts = [[1, 2, 3], [4], [5, 6, 7, 8, 9], [2, 2]] * 3
+    engine = HFRolloutEngine(model, [], PAD, max_batch_size=5)  # no eos: every row runs to its cap; 3 chunks
+    caps = [1, 7, 3, 5] * 3
+    out = engine.generate(prompts, SamplingParams(7, row_max_new_tokens=caps), torch.Generator().manual_seed(0))
+    assert out.response_mask.sum(-1).tolist() == caps
+    ref = engine.generate(prompts, SamplingParams(7), torch.Generator().manual_seed(0))
+    same = engine.generate(prompts, SamplingParams(7, row_max_new_tokens=[7] * 12), torch.Generator().manual_seed(0))
+    assert torch.equal(same.responses, ref.responses) and same.stats == ref.stats
+    mixed = HFMixedRolloutEngine(model, tiny_qwen2(3), [], PAD, max_batch_size=5)
+    out = mixed.generate(prompts, SamplingParams(7, row_max_new_tokens=caps), torch.Generator().manual_seed(0),
+                         gamma=0.5, k=3)
+    assert out.response_mask.sum(-1).tolist() == caps and out.stats["tokens_emitted"] == sum(caps)
+    with pytest.raises(ValueError, match=r"row_max_new_tokens\[1\] = 9"):
+        SamplingParams(7, row_max_new_tokens=[1, 9])

@@ -38,6 +38,9 @@ class SamplingParams:
     """Nucleus mass in (0, 1]; 1 disables."""
     top_k: int = -1
     """Keep the k most likely tokens; -1 (or 0) disables."""
+    row_max_new_tokens: list[int] | None = None
+    """Optional per-row caps (each in [1, max_new_tokens]) for the rows of one ``generate`` call, in order: the
+    multi-turn tool loop gives each row its remaining response budget. None = max_new_tokens for every row."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -48,6 +51,20 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < -1:
             raise ValueError(f"SamplingParams.top_k must be -1 (disabled) or >= 0, got {self.top_k}")
+        caps = self.row_max_new_tokens
+        if caps is not None and not all(1 <= c <= self.max_new_tokens for c in caps):
+            bad = next(i for i, c in enumerate(caps) if not 1 <= c <= self.max_new_tokens)
+            raise ValueError(f"SamplingParams.row_max_new_tokens[{bad}] = {caps[bad]} is outside "
+                             f"[1, max_new_tokens={self.max_new_tokens}]")
+
+    def row_caps(self, n_rows: int, start: int = 0) -> list[int]:
+        """The caps of rows start .. start + n_rows - 1 of the call (checks that the caps cover the call's rows)."""
+        if self.row_max_new_tokens is None:
+            return [self.max_new_tokens] * n_rows
+        if start + n_rows > len(self.row_max_new_tokens):
+            raise ValueError(f"SamplingParams.row_max_new_tokens has {len(self.row_max_new_tokens)} entries, "
+                             f"fewer than the rows of the generate call")
+        return [int(c) for c in self.row_max_new_tokens[start:start + n_rows]]
 
 
 @dataclass

@@ -20,9 +20,9 @@ cut there and the row ends (no eos, so the reward treats it as unfinished, as in
 
 Exactness: every turn is a fresh ``engine.generate`` over the full context, so each sampled token is drawn from the
 engine's distribution at exactly the prefix the actor later scores (``build_sequences`` of prompt + response, tool
-tokens included); the mixed engine guides tool-call tokens like any others. Engines take one ``max_new_tokens``
-per call, so a turn is generated up to the largest remaining budget of its rows and each row is then cut to its
-own budget (a cut is the same as hitting the cap; ``tokens_emitted`` of the engine stats counts the cut tokens).
+tokens included); the mixed engine guides tool-call tokens like any others. Each row's turn is capped at its
+remaining budget (``SamplingParams.row_max_new_tokens``); an engine that ignores per-row caps still gives exact
+rows, as the loop cuts each row to its budget (a cut is the same as hitting the cap).
 
 Where this departs from the official code: calls made in the last allowed turn are not run (no turn could read
 their results; counted as ``tool/calls_unanswered``), so such a response ends with the model's own eos; tool
@@ -119,7 +119,8 @@ class ToolRolloutLoop:
             room = [budget - len(responses[i]) for i in active]
             start = time.perf_counter()
             out = self.engine.generate([prompt_ids[i] + responses[i] for i in active],
-                                       replace(params, max_new_tokens=max(room)), generator, **engine_kwargs)
+                                       replace(params, max_new_tokens=max(room), row_max_new_tokens=room), generator,
+                                       **engine_kwargs)
             stats["tool/gen_seconds"] += time.perf_counter() - start
             for key, value in out.stats.items():
                 stats[key] = stats.get(key, 0.0) + float(value)
