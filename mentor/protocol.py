@@ -23,7 +23,10 @@ attention_mask     [B, L]     1 for real tokens, 0 for padding
 position_ids       [B, L]     positions of real tokens (cumsum of attention_mask - 1)
 prompts            [B, Lp]    the prompt part of ``input_ids`` (L = Lp + Lr)
 responses          [B, Lr]    generated tokens, right-padded
-response_mask      [B, Lr]    1 for response tokens that count in the loss, 0 for padding
+response_mask      [B, Lr]    1 on every real response token (attended to; tool outputs included), 0 for padding
+response_loss_mask [B, Lr]    1 on the model-sampled response tokens (what the losses count), 0 on tool
+                              outputs and padding; equal to response_mask without tools. Optional: read it
+                              with :func:`loss_mask`, which falls back to response_mask
 old_log_probs      [B, Lr]    log pi_old(y_t) of the policy that generated / before the update
 ref_log_probs      [B, Lr]    log pi_ref(y_t) of the frozen reference model
 entropies          [B, Lr]    policy entropy H_t at each response position
@@ -47,7 +50,7 @@ import numpy as np
 import torch
 from tensordict import TensorDict
 
-__all__ = ["Batch"]
+__all__ = ["Batch", "loss_mask"]
 
 Index = slice | Sequence[int] | np.ndarray | torch.Tensor
 
@@ -333,3 +336,9 @@ class Batch:
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         """Tensors moved to ``device``; non-tensors and meta are shared."""
         return Batch._build(self.tensors.to(device, non_blocking=non_blocking), self.non_tensors, self.meta)
+
+
+def loss_mask(batch: Batch) -> torch.Tensor:
+    """[B, Lr] the tokens the losses and token statistics count: ``response_loss_mask`` (multi-turn tool rollouts:
+    model-sampled tokens only) if the batch has it, else ``response_mask``."""
+    return batch["response_loss_mask"] if "response_loss_mask" in batch else batch["response_mask"]

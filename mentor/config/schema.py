@@ -258,6 +258,30 @@ class VLLMConfig:
 
 
 @dataclass
+class MultiTurnConfig:
+    """Multi-turn tool rollouts (tool-use MENTOR, arXiv 2510.18383; mentor/workers/rollout/tool_loop.py). Rows
+    carry their tools (``func_schemas`` + ``env``); rows without tools stay single-turn."""
+
+    enable: bool = False
+    """Run rollouts through the tool loop: generate, run the turn's tool calls in the sandbox, append the results
+    (loss mask 0), continue. Off: single-turn rollouts, tools ignored."""
+    max_turns: int = 5
+    """Assistant turns per response (official: 5); calls made in the last one are not run."""
+    max_tool_response_tokens: int = 512
+    """Each tool result is cut to this many tokens before it is shown to the model."""
+    format: str = "hermes"
+    """Tool-call syntax: ``hermes`` (``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``, Qwen2.5)."""
+    generation_prefix: str = ""
+    """Text after every new assistant header of a tool turn (the official rollout writes ``<think>``)."""
+    sandbox_url: Optional[str] = None
+    """An external sandbox server; null = the trainer starts one on 127.0.0.1 (``python -m mentor.tools.sandbox``)."""
+    sandbox_kind: str = "mentor"
+    """API of ``sandbox_url``: ``mentor`` (our / the official ``/execute``) or ``fusion`` (Sandbox Fusion)."""
+    tool_timeout_s: float = 5.0
+    """Wall-clock limit of one tool call in the sandbox."""
+
+
+@dataclass
 class RolloutConfig:
     name: str = "hf"
     """Engine: ``hf`` (torch, KV cache; the reference) or ``vllm``."""
@@ -280,6 +304,7 @@ class RolloutConfig:
     expert: ExpertConfig = field(default_factory=ExpertConfig)
     val: ValRolloutConfig = field(default_factory=ValRolloutConfig)
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    multi_turn: MultiTurnConfig = field(default_factory=MultiTurnConfig)
 
 
 @dataclass

@@ -192,6 +192,7 @@ def _check_values(c: MentorRunConfig) -> None:
         _require(bool(ro.expert.model_path), "worker.rollout.expert.model_path",
                  "mixed_grpo needs an expert model (set it, or use algorithm.adv_estimator=grpo)")
     _check_guidance(c)
+    _check_multi_turn(c)
     _check_batch_sizes(c, m.n_mix if mixed else 0)
     _require(t.nnodes >= 1 and t.n_gpus_per_node >= 1, "trainer.n_gpus_per_node", "nnodes and ranks must be >= 1")
     _require(t.device in ("auto", "cpu", "cuda"), "trainer.device", f"{t.device!r} is not auto, cpu or cuda")
@@ -234,6 +235,20 @@ def _check_guidance(c: MentorRunConfig) -> None:
     _require(q.min_hint_chars >= 0, "algorithm.questa.min_hint_chars", "must be >= 0")
     _require(bool(c.data.solution_key) or not (a.adv_estimator == "luffy" or q.enable), "data.solution_key",
              "LUFFY and QuestA need the row key of the expert solution")
+
+
+def _check_multi_turn(c: MentorRunConfig) -> None:
+    from mentor.workers.rollout.tool_loop import FORMATS
+
+    mt = c.worker.rollout.multi_turn
+    _require(mt.max_turns >= 1, "worker.rollout.multi_turn.max_turns", f"is {mt.max_turns}; must be >= 1")
+    _require(mt.max_tool_response_tokens >= 1, "worker.rollout.multi_turn.max_tool_response_tokens",
+             f"is {mt.max_tool_response_tokens}; must be >= 1")
+    _require(mt.format in FORMATS, "worker.rollout.multi_turn.format",
+             f"{mt.format!r} is not one of {', '.join(FORMATS)}")
+    _require(mt.sandbox_kind in ("mentor", "fusion"), "worker.rollout.multi_turn.sandbox_kind",
+             f"{mt.sandbox_kind!r} is not one of mentor, fusion")
+    _require(mt.tool_timeout_s > 0, "worker.rollout.multi_turn.tool_timeout_s", "must be > 0 (seconds)")
 
 
 def _check_batch_sizes(c: MentorRunConfig, n_mix: int) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mentor.protocol import Batch
+from mentor.protocol import Batch, loss_mask
 from mentor.algos import masked_mean
 
 
@@ -43,10 +43,11 @@ def reasoning_word_rates(texts: list[str], words: list[str]) -> dict[str, float]
 
 def rollout_metrics(batch: Batch, tokenizer: Any, reasoning_words: list[str]) -> dict[str, float]:
     """Reward, length, entropy and reasoning-word metrics of one step's rollouts, split on-policy / mixed / expert
-    (LUFFY's expert trajectories, ``is_expert``)."""
-    mask = batch["response_mask"]
-    lengths = mask.sum(-1).float()
-    max_len = mask.shape[1]
+    (LUFFY's expert trajectories, ``is_expert``). Lengths count every response token (tool outputs included: the
+    response-length cap counts them); entropy, advantages and reasoning words only the model-sampled tokens."""
+    lengths = batch["response_mask"].sum(-1).float()
+    max_len = batch["response_mask"].shape[1]
+    mask = loss_mask(batch)  # [B, Lr]
     mixed = batch["is_mixed"]
     m: dict[str, float] = {
         "response_length/mean": float(lengths.mean()),

@@ -31,7 +31,7 @@ from mentor.config.validate import to_yaml
 from mentor.data.dataset import ResumableSampler, RLDataset
 from mentor.data.questa import hinted_items
 from mentor.models.loader import load_tokenizer
-from mentor.protocol import Batch
+from mentor.protocol import Batch, loss_mask
 from mentor.rewards.inputs import build_reward_inputs, generation_eos_ids, place_on_last_token
 from mentor.rewards.pool import RewardPool
 from mentor.single_controller import WorkerDiedError
@@ -112,6 +112,7 @@ class RayTrainer:
             finally:
                 self.tracker.finish()
                 self.reward_pool.close()
+                self.stop_sandbox()
         if self.stop_signal is not None:
             logger.warning("stopped by signal %d after step %d; %s", self.stop_signal, self.global_step,
                            self._last_good())
@@ -260,6 +261,8 @@ class RayTrainer:
             rep.meta.update(top_p=ro.val.top_p, top_k=-1)
         if gamma is not None:
             rep.meta["gamma"] = gamma
+        if ro.multi_turn.enable:
+            rep.meta["sandbox_url"] = self.sandbox_url()
         out = self.wg.generate(rep)
         stats = out.meta.pop("metrics", {})
         if metrics is not None:
@@ -271,6 +274,24 @@ class RayTrainer:
         out["is_mixed"] = torch.full((len(out),), phase == "mixed", dtype=torch.bool)
         out["is_expert"] = torch.full((len(out),), phase == "expert", dtype=torch.bool)
         return out
+
+    def sandbox_url(self) -> str:
+        """The tool sandbox of multi-turn rollouts: ``worker.rollout.multi_turn.sandbox_url``, or a server this
+        driver starts on 127.0.0.1 at first use and stops when ``fit`` ends (or at exit, crash included)."""
+        mt = self.config.worker.rollout.multi_turn
+        if mt.sandbox_url:
+            return mt.sandbox_url
+        if getattr(self, "_sandbox", None) is None:
+            from mentor.tools.sandbox_client import LocalSandbox
+
+            self._sandbox = LocalSandbox().start()
+            logger.info("tool sandbox at %s", self._sandbox.url)
+        return self._sandbox.url
+
+    def stop_sandbox(self) -> None:
+        box, self._sandbox = getattr(self, "_sandbox", None), None
+        if box is not None:
+            box.stop()
 
     @staticmethod
     def group_by_prompt(batch: Batch) -> Batch:
@@ -298,7 +319,7 @@ class RayTrainer:
     def update_gamma(self, scored: Batch) -> None:
         """gamma_p from the entropies of ``scored`` (rows per ``gamma.rows``; >= GAMMA_MIN, see algos/gamma.py)."""
         g = self.config.algorithm.mentor.gamma
-        self.gamma = algos.measure_gamma(scored["entropies"], scored["response_mask"], scored["is_mixed"],
+        self.gamma = algos.measure_gamma(scored["entropies"], loss_mask(scored), scored["is_mixed"],
                                          g.percentile, g.floor, g.rows, scored["is_expert"])
 
     def compute_rewards(self, batch: Batch, metrics: dict[str, Any]) -> None:
@@ -307,7 +328,7 @@ class RayTrainer:
         inputs = build_reward_inputs(texts, batch, self.eos_ids)
         scores, stats = self.reward_pool.score(inputs)
         overall = torch.tensor([s["overall"] for s in scores], dtype=torch.float32)
-        token_scores = place_on_last_token(overall, batch["response_mask"])  # [B, Lr]
+        token_scores = place_on_last_token(overall, loss_mask(batch))  # [B, Lr] last model-sampled token
         batch["token_level_scores"] = token_scores
         batch["token_level_rewards"] = token_scores
         for key in _score_keys(scores):  # overall, accuracy, format + the reward's own sub-scores (tool_match, ...)
@@ -316,7 +337,7 @@ class RayTrainer:
 
     def compute_advantages(self, batch: Batch, alpha: float) -> None:
         c = self.config
-        rewards, mask, index = batch["token_level_rewards"], batch["response_mask"], batch["uid"]
+        rewards, mask, index = batch["token_level_rewards"], loss_mask(batch), batch["uid"]
         if self.mentor and bool(batch["is_mixed"].any()):
             adv, ret = algos.compute_mixed_grpo_advantage(
                 rewards, mask, index, batch["is_mixed"], alpha, self.reward_range, c.algorithm.norm_eps)
@@ -411,6 +432,29 @@ def _response_ids(batch: Batch) -> list[list[int]]:
 def _engine_metrics(stats: dict[str, list[float]], phase: str) -> dict[str, float]:
     """Engine stat sums (one value per rank) -> rates."""
     total = {k: float(sum(v)) if isinstance(v, list) else float(v) for k, v in stats.items()}
+    tools = _tool_metrics(total, "_mix" if phase == "mixed" else "") if "tool/rows" in total else {}
+    return {**_phase_metrics(total, phase), **tools}
+
+
+def _tool_metrics(total: dict[str, float], suffix: str) -> dict[str, float]:
+    """Tool-loop stat sums (mentor/workers/rollout/tool_loop.py) -> per-response and per-call rates."""
+    rows, calls = max(total["tool/rows"], 1.0), max(total.get("tool/calls", 0.0), 1.0)
+    out = {f"tool/turns_per_response{suffix}": total.get("tool/turns", 0.0) / rows,
+           f"tool/calls_per_response{suffix}": total.get("tool/calls", 0.0) / rows,
+           f"tool/rows_with_calls{suffix}": total.get("tool/rows_with_calls", 0.0) / rows,
+           f"tool/valid_call_rate{suffix}": total.get("tool/valid_calls", 0.0) / calls,
+           f"tool/tool_tokens_per_response{suffix}": total.get("tool/tool_tokens", 0.0) / rows,
+           f"tool/results_truncated{suffix}": total.get("tool/results_truncated", 0.0),
+           f"tool/calls_unanswered{suffix}": total.get("tool/calls_unanswered", 0.0),
+           f"tool/rows_cut_in_tool_turn{suffix}": total.get("tool/rows_cut_in_tool_turn", 0.0)}
+    seconds = total.get("tool/gen_seconds", 0.0) + total.get("tool/tool_seconds", 0.0)
+    out[f"tool/wait_share{suffix}"] = total.get("tool/tool_seconds", 0.0) / seconds if seconds > 0 else 0.0
+    for key in [k for k in total if k.startswith("tool/error_")]:
+        out[f"{key}_rate{suffix}"] = total[key] / calls
+    return out
+
+
+def _phase_metrics(total: dict[str, float], phase: str) -> dict[str, float]:
     if phase == "expert":  # expert solutions cut at data.max_response_length (no eos, usually no reward)
         return {"luffy/expert_rows_cut": total.get("rows_cut", 0.0)}
     if phase != "mixed":

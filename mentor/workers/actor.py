@@ -3,6 +3,9 @@
 Batches follow the sequence contract of :func:`mentor.workers.rollout.base.build_sequences`:
 ``input_ids``/``attention_mask``/``position_ids`` [B, Lp+Lr] (prompt left-padded, response right-padded),
 ``responses``/``response_mask`` [B, Lr]. The logits at positions Lp-1 .. Lp+Lr-2 predict the responses.
+``response_mask`` is what is attended to (tool outputs included); the PG, entropy and KL losses count only
+``response_loss_mask`` (the model-sampled tokens; :func:`mentor.protocol.loss_mask` falls back to
+``response_mask``), so tool-output tokens get no gradient while later tokens still attend to them.
 Micro-batches are trimmed to their own longest prompt/response, so fixed-width batches cost no extra compute;
 with ``padding_free`` the real tokens of a micro-batch are packed into one row instead (:func:`pack_sequences`).
 The loss of every micro-batch is normalised by the token (or sequence) count of the whole mini-batch over all
@@ -19,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from mentor.config.schema import ActorConfig, LuffyConfig
-from mentor.protocol import Batch
+from mentor.protocol import Batch, loss_mask
 from mentor.algos import (agg_loss, compute_luffy_policy_loss, compute_policy_loss, entropy_from_logits, kl_penalty,
                           log_probs_from_logits, masked_mean)
 
@@ -196,7 +199,7 @@ class Actor:
 
         for _ in range(c.ppo_epochs):
             for mini in batch.chunk(num_mini_batches):
-                mask = mini["response_mask"]
+                mask = loss_mask(mini)
                 n_tokens = self._global_count(mask.sum())
                 n_seqs = self._global_count((mask.sum(-1) > 0).sum())
                 loss_total = 0.0
@@ -213,7 +216,7 @@ class Actor:
 
     def _micro_loss(self, mb: Batch, temperature: float, n_tokens: float, n_seqs: float):
         c = self.config
-        mask = mb["response_mask"]
+        mask = loss_mask(mb)  # [b, Lr] model-sampled tokens only: tool outputs carry no loss
         need_entropy = c.entropy_coef != 0
         log_probs, entropy = self._forward(mb, temperature, with_entropy=need_entropy)
         norm = dict(num_global_tokens=n_tokens, num_global_seqs=n_seqs, dp_size=self.world_size)

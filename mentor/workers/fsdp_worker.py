@@ -82,10 +82,11 @@ def pad_to_width(seqs: dict[str, torch.Tensor], prompt_length: int, response_len
     prompts = pad(seqs["prompts"], (left, 0), value=pad_id)
     responses = pad(seqs["responses"], (0, right), value=pad_id)
     response_mask = pad(seqs["response_mask"], (0, right))
+    loss_mask = pad(seqs.get("response_loss_mask", seqs["response_mask"]), (0, right))
     attention_mask = torch.cat([pad(prompt_mask, (left, 0)), response_mask], dim=1)
     return {"prompts": prompts, "responses": responses, "response_mask": response_mask,
             "input_ids": torch.cat([prompts, responses], dim=1), "attention_mask": attention_mask,
-            "position_ids": positions_from_mask(attention_mask)}
+            "position_ids": positions_from_mask(attention_mask), "response_loss_mask": loss_mask}
 
 
 class FSDPWorker(Worker):
@@ -96,6 +97,8 @@ class FSDPWorker(Worker):
         self.config = config
         self.device_type = config.derived.device_type  # resolved once on the driver
         self.dev = self.device  # this rank's cuda:i (mentor/utils/device.py) or cpu
+        self._sandbox_clients: dict = {}  # sandbox url -> client (multi-turn tool rollouts)
+        self._tool_sets: dict = {}  # (func_schemas, env) -> ToolSet
 
     # ---- set-up --------------------------------------------------------------------------------------------
 
@@ -264,15 +267,56 @@ class FSDPWorker(Worker):
             seqs = pad_to_width(build_sequences(prompts, out, self.pad_id), c.data.max_prompt_length,
                                 c.data.max_response_length, self.pad_id)
             return Batch(tensors={k: v.cpu() for k, v in seqs.items()}, meta={"metrics": dict(out.stats)})
-        if meta["phase"] == "mixed":
-            out = engine.generate(prompts, params, gen, gamma=meta["gamma"], k=c.worker.rollout.spec_k)
+        kwargs = {"gamma": meta["gamma"], "k": c.worker.rollout.spec_k} if meta["phase"] == "mixed" else {}
+        if c.worker.rollout.multi_turn.enable:  # every row through the loop; rows without tools stay single-turn
+            out = self._tool_loop(engine, meta).generate(prompts, self._row_tools(batch), params, gen, **kwargs)
         else:
-            out = engine.generate(prompts, params, gen)
+            out = engine.generate(prompts, params, gen, **kwargs)
         if c.worker.rollout.name == "vllm":
             engine.sleep()  # no-op on CPU
         seqs = pad_to_width(build_sequences(prompts, out, self.pad_id), c.data.max_prompt_length,
                             c.data.max_response_length, self.pad_id)
         return Batch(tensors={k: v.cpu() for k, v in seqs.items()}, meta={"metrics": dict(out.stats)})
+
+    def _tool_loop(self, engine, meta: dict):
+        """The multi-turn tool loop over ``engine``, calling the sandbox at ``meta["sandbox_url"]`` (the driver's)."""
+        from mentor.tools.executor import SandboxExecutor
+        from mentor.workers.rollout.tool_loop import ToolRolloutLoop
+
+        mt = self.config.worker.rollout.multi_turn
+        url = meta.get("sandbox_url") or mt.sandbox_url
+        if not url:
+            raise ValueError("multi-turn rollouts need a sandbox: the driver passes meta['sandbox_url'], or set "
+                             "worker.rollout.multi_turn.sandbox_url")
+        clients = self._sandbox_clients
+        if url not in clients:
+            from mentor.tools.sandbox_client import SandboxClient, SandboxFusionClient
+
+            clients[url] = SandboxFusionClient(url) if mt.sandbox_kind == "fusion" else SandboxClient(url)
+        executor = SandboxExecutor(clients[url], timeout_s=mt.tool_timeout_s)
+        return ToolRolloutLoop(engine, self.tokenizer, executor, self.eos_ids, self.pad_id, mt.max_turns,
+                               mt.max_tool_response_tokens, mt.format, mt.generation_prefix)
+
+    def _row_tools(self, batch: Batch) -> list:
+        """Each row's ToolSet from its non-tensor ``func_schemas`` / ``env`` (None for rows without tools)."""
+        from mentor.tools.calls import ToolSet
+
+        if "func_schemas" not in batch:
+            return [None] * len(batch)
+        envs = batch["env"] if "env" in batch else [None] * len(batch)
+        cache = self._tool_sets
+        tools = []
+        for i, (schemas, env) in enumerate(zip(batch["func_schemas"], envs)):
+            if schemas is None:
+                tools.append(None)
+                continue
+            key = (schemas if isinstance(schemas, str) else repr(schemas), env or "")
+            if key not in cache:
+                if len(cache) > 4096:
+                    cache.clear()
+                cache[key] = ToolSet.from_row(schemas, env, where=f"generate batch row {i}")
+            tools.append(cache[key])
+        return tools
 
     # ---- scoring and update --------------------------------------------------------------------------------
 

@@ -38,6 +38,9 @@ class SamplingParams:
     """Nucleus mass in (0, 1]; 1 disables."""
     top_k: int = -1
     """Keep the k most likely tokens; -1 (or 0) disables."""
+    row_max_new_tokens: list[int] | None = None
+    """Optional per-row caps (each in [1, max_new_tokens]) for the rows of one ``generate`` call, in order: the
+    multi-turn tool loop gives each row its remaining response budget. None = max_new_tokens for every row."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -48,6 +51,20 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < -1:
             raise ValueError(f"SamplingParams.top_k must be -1 (disabled) or >= 0, got {self.top_k}")
+        caps = self.row_max_new_tokens
+        if caps is not None and not all(1 <= c <= self.max_new_tokens for c in caps):
+            bad = next(i for i, c in enumerate(caps) if not 1 <= c <= self.max_new_tokens)
+            raise ValueError(f"SamplingParams.row_max_new_tokens[{bad}] = {caps[bad]} is outside "
+                             f"[1, max_new_tokens={self.max_new_tokens}]")
+
+    def row_caps(self, n_rows: int, start: int = 0) -> list[int]:
+        """The caps of rows start .. start + n_rows - 1 of the call (checks that the caps cover the call's rows)."""
+        if self.row_max_new_tokens is None:
+            return [self.max_new_tokens] * n_rows
+        if start + n_rows > len(self.row_max_new_tokens):
+            raise ValueError(f"SamplingParams.row_max_new_tokens has {len(self.row_max_new_tokens)} entries, "
+                             f"fewer than the rows of the generate call")
+        return [int(c) for c in self.row_max_new_tokens[start:start + n_rows]]
 
 
 @dataclass
@@ -55,14 +72,23 @@ class RolloutOutput:
     """Generated responses of one batch.
 
     responses: [B, Lr] long, right-padded with the pad id; Lr = longest response in this batch.
-    response_mask: [B, Lr] long, 1 on generated tokens (including an emitted eos), 0 on padding.
+    response_mask: [B, Lr] long, the attention part: 1 on every real response token (generated ones,
+        including an emitted eos, and, in multi-turn tool rollouts, the tool-output tokens), 0 on padding.
     stats: counters summed over rows (never means), so the driver can add them over ranks and
         chunks; e.g. ``tokens_emitted``; mixed engines add draft/expert counters (see hf_mixed.py).
+    response_loss_mask: [B, Lr] long or None, the loss part: 1 on model-sampled tokens only, 0 on
+        tool-output tokens and padding (always <= response_mask). None means "equal to response_mask"
+        (single-turn engines); read it through :meth:`loss_mask`.
     """
 
     responses: Tensor
     response_mask: Tensor
     stats: dict[str, float] = field(default_factory=dict)
+    response_loss_mask: Tensor | None = None
+
+    def loss_mask(self) -> Tensor:
+        """[B, Lr] long: ``response_loss_mask``, or ``response_mask`` when the rollout has no tool tokens."""
+        return self.response_mask.long() if self.response_loss_mask is None else self.response_loss_mask.long()
 
 
 class RolloutEngine(Protocol):
@@ -102,8 +128,10 @@ def build_sequences(prompt_ids: list[list[int]], out: RolloutOutput, pad_id: int
     Returns (on the device of ``out.responses``):
         prompts [B, Lp] left-padded to the longest prompt; input_ids [B, Lp+Lr] = prompts ++ responses;
         attention_mask [B, Lp+Lr] (prompt mask ++ response_mask); position_ids [B, Lp+Lr]
-        (cumsum(attention_mask) - 1 clamped at 0); responses [B, Lr]; response_mask [B, Lr].
-        The logits at positions Lp-1 .. Lp+Lr-2 predict responses[:, 0 .. Lr-1].
+        (cumsum(attention_mask) - 1 clamped at 0); responses [B, Lr]; response_mask [B, Lr] (every real
+        response token, tool outputs included: what is attended to); response_loss_mask [B, Lr] (the
+        model-sampled tokens: what the PG, entropy and KL losses count; a copy of response_mask when the
+        rollout has no tool tokens). The logits at positions Lp-1 .. Lp+Lr-2 predict responses[:, 0 .. Lr-1].
     """
     if len(prompt_ids) != out.responses.shape[0]:
         raise ValueError(f"{len(prompt_ids)} prompts but {out.responses.shape[0]} responses; they must pair row by row")
@@ -119,23 +147,26 @@ def build_sequences(prompt_ids: list[list[int]], out: RolloutOutput, pad_id: int
         "input_ids": torch.cat([prompts, out.responses], dim=1),
         "attention_mask": attention_mask,
         "position_ids": positions_from_mask(attention_mask),
+        "response_loss_mask": out.loss_mask().clone(),
     }
 
 
 def concat_outputs(outputs: list[RolloutOutput], pad_id: int) -> RolloutOutput:
     """Stack chunk outputs row-wise, right-padding every chunk to the longest response; stats are added."""
     width = max((o.responses.shape[1] for o in outputs), default=0)
-    responses, masks, stats = [], [], {}
+    responses, masks, loss_masks, stats = [], [], [], {}
     for o in outputs:
         extra = width - o.responses.shape[1]
         responses.append(torch.nn.functional.pad(o.responses, (0, extra), value=pad_id))
         masks.append(torch.nn.functional.pad(o.response_mask, (0, extra), value=0))
+        loss_masks.append(torch.nn.functional.pad(o.loss_mask(), (0, extra), value=0))
         for key, value in o.stats.items():
             stats[key] = stats.get(key, 0.0) + value
     if not outputs:
         empty = torch.zeros((0, 0), dtype=torch.long)
         return RolloutOutput(empty, empty.clone(), stats)
-    return RolloutOutput(torch.cat(responses), torch.cat(masks), stats)
+    any_tools = any(o.response_loss_mask is not None for o in outputs)
+    return RolloutOutput(torch.cat(responses), torch.cat(masks), stats, torch.cat(loss_masks) if any_tools else None)
 
 
 def fixed_rollout(response_ids: list[list[int]], eos_token_id: int, pad_id: int, max_new_tokens: int) -> RolloutOutput:

@@ -75,7 +75,8 @@ class HFRolloutEngine:
         device = model_device(self.model)
         policy = CachedLM(self.model, len(prompts), device)
         pending = prefill([policy], prompts, self.pad_token_id)  # [b] last prompt tokens
-        buf = ResponseBuffer(len(prompts), params.max_new_tokens, self.eos_token_ids, self.pad_token_id, device)
+        buf = ResponseBuffer(len(prompts), params.max_new_tokens, self.eos_token_ids, self.pad_token_id, device,
+                             params.row_caps(len(prompts), row_offset))
         rows = torch.arange(len(prompts), device=device)  # buffer row of each batch row
         while not buf.all_finished:
             active = ~buf.finished[rows]  # [b]

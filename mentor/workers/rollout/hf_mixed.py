@@ -151,7 +151,8 @@ class HFMixedRolloutEngine:
         policy = CachedLM(self.policy, len(prompts), device, self.vocab_size)
         expert = CachedLM(self.expert, len(prompts), device, self.vocab_size)
         pending = prefill([policy, expert], prompts, self.pad_token_id)  # [b]
-        buf = ResponseBuffer(len(prompts), params.max_new_tokens, self.eos_token_ids, self.pad_token_id, device)
+        buf = ResponseBuffer(len(prompts), params.max_new_tokens, self.eos_token_ids, self.pad_token_id, device,
+                             params.row_caps(len(prompts), row_offset))
         rows = torch.arange(len(prompts), device=device)  # buffer row of each batch row
         stats = dict.fromkeys(MIXED_STAT_KEYS, 0.0)
         while not buf.all_finished:

@@ -181,10 +181,14 @@ def compact(rows: Tensor, finished: Tensor, lms: list[CachedLM], pending: Tensor
 
 
 class ResponseBuffer:
-    """Responses of B rows as they are emitted; rows stop at any eos id (kept) or at max_new_tokens."""
+    """Responses of B rows as they are emitted; rows stop at any eos id (kept) or at their cap (``row_caps``, each
+    <= max_new_tokens; default max_new_tokens for all)."""
 
-    def __init__(self, batch: int, max_new_tokens: int, eos_ids: list[int], pad_id: int, device: torch.device):
+    def __init__(self, batch: int, max_new_tokens: int, eos_ids: list[int], pad_id: int, device: torch.device,
+                 row_caps: list[int] | None = None):
         self.max_new_tokens = max_new_tokens
+        self.cap = torch.tensor(row_caps if row_caps is not None else [max_new_tokens] * batch, dtype=torch.long,
+                                device=device)  # [B]
         self.pad_id = pad_id
         self.eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
         self.tokens = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
@@ -197,7 +201,7 @@ class ResponseBuffer:
 
     def remaining(self, rows: Tensor) -> Tensor:
         """[b] tokens each row may still emit (0 for finished rows)."""
-        left = self.max_new_tokens - self.length[rows]
+        left = self.cap[rows] - self.length[rows]
         return torch.where(self.finished[rows], torch.zeros_like(left), left)
 
     def append(self, rows: Tensor, emitted: Tensor, n_emitted: Tensor, active: Tensor) -> Tensor:
@@ -210,12 +214,13 @@ class ResponseBuffer:
         valid = (j < n_emitted.unsqueeze(-1)) & active.unsqueeze(-1)
         is_eos = torch.isin(emitted, self.eos) & valid
         after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
-        keep = valid & ~after_eos & (length.unsqueeze(-1) + j < self.max_new_tokens)
+        cap = self.cap[rows]  # [b]
+        keep = valid & ~after_eos & (length.unsqueeze(-1) + j < cap.unsqueeze(-1))
         r, c = keep.nonzero(as_tuple=True)
         self.tokens[rows[r], length[r] + c] = emitted[r, c]
         new_length = length + keep.sum(-1)
         self.length[rows] = new_length
-        self.finished[rows] |= (is_eos & keep).any(-1) | (new_length >= self.max_new_tokens)
+        self.finished[rows] |= (is_eos & keep).any(-1) | (new_length >= cap)
         return keep
 
     def output(self, stats: dict[str, float]) -> RolloutOutput:

@@ -172,12 +172,13 @@ class _VLLMEngine:
 
     # ---- generation -----------------------------------------------------------------------------------
 
-    def _vllm_params(self, params: SamplingParams, seed: int, vllm_sampling: bool, logprobs: bool):
+    def _vllm_params(self, params: SamplingParams, seed: int, vllm_sampling: bool, logprobs: bool,
+                     max_tokens: int | None = None):
         from vllm import SamplingParams as VLLMSamplingParams
 
         # eos handling is ours: stop at any of eos_token_ids (kept in the output), never at vLLM's own eos
         return VLLMSamplingParams(
-            n=1, max_tokens=params.max_new_tokens, temperature=params.temperature, seed=seed, detokenize=False,
+            n=1, max_tokens=max_tokens or params.max_new_tokens, temperature=params.temperature, seed=seed, detokenize=False,
             top_p=params.top_p if vllm_sampling else 1.0,
             top_k=params.top_k if vllm_sampling and params.top_k > 0 else 0,
             ignore_eos=True, stop_token_ids=list(self.eos_token_ids), logprobs=0 if logprobs else None,
@@ -194,7 +195,8 @@ class _VLLMEngine:
         self.wake_up()
         seeds = request_seeds(generator, len(prompt_ids))
         prompts = [TokensPrompt(prompt_token_ids=[int(t) for t in p]) for p in prompt_ids]
-        sps = [self._vllm_params(params, s, vllm_sampling, logprobs) for s in seeds]
+        sps = [self._vllm_params(params, s, vllm_sampling, logprobs, cap)
+               for s, cap in zip(seeds, params.row_caps(len(prompt_ids)))]
         outs = self.llm.generate(prompts, sps, use_tqdm=False)
         tokens = [list(o.outputs[0].token_ids) for o in outs]
         lps = [[d[t].logprob for d, t in zip(o.outputs[0].logprobs, toks)] if logprobs else []
