@@ -142,7 +142,9 @@ def test_call_runs_with_an_empty_environment_in_its_own_directory(sandbox, clien
 def test_infinite_loop_is_killed_at_its_timeout(client):
     hostile, _, normal_first = _with_bystander(client, "def spin():\n    while True:\n        pass\n", "spin()", 1)
     assert hostile.status == "timeout" and hostile.error.startswith("TimeoutError")
-    assert 1.0 <= hostile.seconds < 1.0 + 3.0  # timeout counted from the call's start; slack for a loaded machine
+    # killed by its own timer (status "timeout": the loop never ends by itself), never before the 1 s it was given;
+    # no upper wall-clock bound: how late the kill lands depends on the machine's load
+    assert hostile.seconds >= 1.0
     assert normal_first
 
 
