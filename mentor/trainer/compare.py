@@ -101,8 +101,9 @@ METHODS: dict[str, Method] = {
         lambda b: {"algorithm.adv_estimator": "luffy", "worker.rollout.n": b.total}),
     "questa": Method(
         "QuestA: GRPO with n = MENTOR's total on prompts hinted with the first p% of the expert solution "
-        "(validation un-hinted).",
-        lambda b: {"algorithm.adv_estimator": "grpo", "algorithm.questa.enable": True, "worker.rollout.n": b.total}),
+        "(validation un-hinted); prompts up to 128 tokens so the 50% hint fits (the tiny default is 64).",
+        lambda b: {"algorithm.adv_estimator": "grpo", "algorithm.questa.enable": True, "worker.rollout.n": b.total,
+                   "data.max_prompt_length": 128}),
 }
 
 
