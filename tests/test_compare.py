@@ -28,7 +28,8 @@ def test_equal_budget_gives_every_method_mentors_total_of_eight():
     assert cmp.method_overrides("grpo_half", "equal") == {"algorithm.adv_estimator": "grpo", "worker.rollout.n": 4}
     assert cmp.method_overrides("luffy", "equal") == {"algorithm.adv_estimator": "luffy", "worker.rollout.n": 8}
     assert cmp.method_overrides("questa", "equal") == {
-        "algorithm.adv_estimator": "grpo", "algorithm.questa.enable": True, "worker.rollout.n": 8}
+        "algorithm.adv_estimator": "grpo", "algorithm.questa.enable": True, "worker.rollout.n": 8,
+        "data.max_prompt_length": 128}
 
 
 def test_paper_budget_is_the_official_eight_plus_four_and_twelve_for_the_others():
