@@ -381,7 +381,8 @@ class RewardPool:
 
     def _replace(self, slot: int, stats: RewardStats) -> None:
         self._workers[slot].stop(graceful=False)
-        self._workers[slot] = self._spawn()
+        if not self._closed:  # a submitted call that close() is waiting for starts no new process
+            self._workers[slot] = self._spawn()
         stats.restarts += 1
 
     @staticmethod
