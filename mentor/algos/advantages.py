@@ -21,7 +21,6 @@ import torch
 from mentor.algos.tensor_ops import _check_same_shape
 
 
-
 class Estimator(enum.StrEnum):
     """``algorithm.adv_estimator``, converted once on the driver into ``config.derived.estimator``.
 
