@@ -7,7 +7,8 @@ The embedded tiny task (configs/tiny_cpu.yaml: 16 prompts x (4 on-policy + 4 mix
 (``algorithm.adv_estimator=grpo``) and MENTOR (``mixed_grpo``) run side by side in one Ray session, each with its
 own worker group, taking turns step by step on the same prompts, so load drift on a shared machine hits both
 alike. The first ``--warmup`` steps are dropped; the table shows medians over the next ``--steps``. Phases are the
-trainer's own timers (``timing_s/*``); ``sync_weights`` is the FSDP all-gather into the rollout copy. Peak memory
+trainer's own timers (``timing_s/*``); ``sync_weights`` is the FSDP all-gather into the rollout copy; the rewards are
+scored while ``old_log_prob`` runs, and ``reward`` is only the scoring time left after it. Peak memory
 is each worker process's peak RSS (VmHWM) at the end, max over ranks.
 
 With ``trl`` importable, TRL's GRPOTrainer runs the same GRPO step in this process: same tiny policy, 16 prompts x

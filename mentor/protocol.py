@@ -7,7 +7,9 @@ A simpler cousin of verl's ``DataProto``. A :class:`Batch` of size B holds
   ``split``, ``repeat_interleave`` and ``to(device)`` over all keys at once, and pickles);
 - ``non_tensors``: per-sample Python objects, one ``np.ndarray`` per key with leading dim B
   (lists are turned into 1-D ``object`` arrays), e.g. group ids, ground-truth answers;
-- ``meta``: a plain dict of batch-level values (temperature, step, metrics, ...).
+- ``meta``: a plain dict of batch-level values. The trainer sends none: a rollout's settings travel in a
+  typed ``RolloutRequest`` and the engine's counters come back in ``RolloutStats``
+  (mentor/workers/rollout/request.py).
 
 Operations return new ``Batch`` objects; they share tensor storage with the input where
 torch does (``select``, ``union``, slices), so do not edit tensors in place through one
@@ -38,7 +40,8 @@ is_mixed           [B]        bool, True for rollouts drawn from the mixed (expe
 =================  =========  ==================================================================
 
 Standard non-tensor keys: ``uid`` (group id shared by the rollouts of one prompt),
-``ground_truth`` (answer string), ``data_source``.
+``ground_truth`` (answer string), ``data_source``, ``response_text`` (the response decoded once,
+by the worker that generated it; rewards and metrics read it).
 """
 
 from __future__ import annotations
@@ -96,27 +99,17 @@ def _tensors_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _merge_meta(metas: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
-    """Union of meta dicts; equal values are kept once, conflicting values raise.
-
-    ``meta["metrics"]`` (a dict name -> value or list of values) is the exception: it is
-    merged into a dict name -> list of all values, so per-worker metrics survive a concat.
-    """
+    """Union of meta dicts; equal values are kept once, conflicting values raise."""
     merged: dict[str, Any] = {}
-    metrics: dict[str, list] = {}
     for meta in metas:
         for k, v in meta.items():
-            if k == "metrics":
-                for name, val in (v or {}).items():
-                    metrics.setdefault(name, []).extend(val if isinstance(val, list) else [val])
-            elif k in merged and not _values_equal(merged[k], v):
+            if k in merged and not _values_equal(merged[k], v):
                 raise ValueError(
                     f"Batch: meta key {k!r} differs between batches ({merged[k]!r} vs {v!r}); "
                     "make it equal, or move per-sample values to non_tensors"
                 )
             else:
                 merged.setdefault(k, v)
-    if metrics:
-        merged["metrics"] = metrics
     return merged
 
 
@@ -293,7 +286,7 @@ class Batch:
     @classmethod
     def concat(cls, batches: Sequence[Batch]) -> Batch:
         """Rows of all batches in order. Keys, dtypes and trailing shapes must match; meta
-        is merged (conflicting values raise; ``meta["metrics"]`` is gathered into lists)."""
+        is merged (conflicting values raise)."""
         if not batches:
             raise ValueError("Batch.concat: got an empty list")
         first = batches[0]

@@ -7,6 +7,8 @@ from mentor.config import compose, validate
 from mentor.protocol import Batch
 from mentor.single_controller import RayWorkerGroup, ResourcePool, init_ray
 from mentor.workers.fsdp_worker import FSDPWorker
+from mentor.workers.rollout.base import SamplingParams, decode_responses
+from mentor.workers.rollout.request import Phase, RolloutRequest, RolloutStats
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -47,10 +49,12 @@ def test_two_rank_fsdp_log_probs_equal_single_process_hf(group, tiny_assets):
     val = RLDataset(cfg.data.val_files, tok, system_prompt=None, max_samples=6)
     prompts = Batch(non_tensors={"prompt_ids": [i.prompt_ids for i in val.items]})
     rep = prompts.repeat(2)
-    rep.meta.update(phase="on", step=1, temperature=1.0, top_p=1.0, top_k=-1)
+    request = RolloutRequest(Phase.ON_POLICY, 1, SamplingParams(cfg.data.max_response_length, temperature=1.0))
     wg.sync_rollout_weights()
-    rollouts = wg.generate(rep)  # 12 rows over 2 ranks
-    rollouts.meta.clear()
+    rollouts, stats = wg.generate(rep, request)  # 12 rows over 2 ranks
+    assert [s.rows for s in stats] == [6, 6]  # one RolloutStats per rank
+    assert RolloutStats.merge(stats).counters["tokens_emitted"] == float(rollouts["response_mask"].sum())
+    assert list(rollouts["response_text"]) == decode_responses(tok, rollouts["responses"], rollouts["response_mask"])
     assert rollouts["input_ids"].shape == (12, cfg.data.max_prompt_length + cfg.data.max_response_length)
     assert int(rollouts["response_mask"].sum()) > 12  # real responses were sampled
     scored = wg.compute_log_probs(rollouts)

@@ -168,10 +168,14 @@ def test_chunk_then_concat_round_trips():
         batch.chunk(4)
 
 
-def test_concat_merges_metrics_and_rejects_mismatches():
+def test_concat_merges_meta_and_rejects_mismatches():
     a, b = make_batch(2), make_batch(2)
-    a.meta["metrics"], b.meta["metrics"] = {"gen_s": 1.0}, {"gen_s": [2.0, 3.0]}
-    assert Batch.concat([a, b]).meta == {"temperature": 1.0, "metrics": {"gen_s": [1.0, 2.0, 3.0]}}
+    b.meta["step"] = 3
+    assert Batch.concat([a, b]).meta == {"temperature": 1.0, "step": 3}
+    a.meta["metrics"], b.meta["metrics"] = {"gen_s": 1.0}, {"gen_s": 2.0}  # no special key: differing values raise
+    with pytest.raises(ValueError, match="meta key 'metrics' differs"):
+        Batch.concat([a, b])
+    del a.meta["metrics"], b.meta["metrics"]
     with pytest.raises(ValueError, match="empty list"):
         Batch.concat([])
     with pytest.raises(ValueError, match="batch 1 has keys"):
@@ -220,7 +224,7 @@ def test_to_device_keeps_values():
 
 def test_pickle_round_trip():
     batch = make_batch()
-    batch.meta["metrics"] = {"a": [1.0]}
+    batch.meta["step"] = 7
     batch["gt"] = np.array([{"answer": i} for i in range(4)], dtype=object)
     restored = pickle.loads(pickle.dumps(batch))
     assert isinstance(restored, Batch) and len(restored) == 4

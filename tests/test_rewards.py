@@ -346,6 +346,24 @@ def test_pool_works_after_failures_and_preserves_order(command_pool):
     assert (stats.errors, stats.timeouts, stats.invalid, stats.restarts) == (0, 0, 0, 0)
 
 
+def test_submit_scores_in_the_background_like_score(command_pool):
+    commands = ["3", "raise", "4"]
+    future = command_pool.submit([{"response": c, "ground_truth": ""} for c in commands])
+    scores, stats = future.result(timeout=30)
+    assert [s["overall"] for s in scores] == [3.0, 0.0, 4.0] and stats.errors == 1
+    assert _run(command_pool, commands)[0] == scores  # the same as the synchronous call
+
+
+def test_close_ends_a_submitted_call_without_respawning_workers(reward_file):
+    pool = RewardPool(f"{reward_file}:commands", num_workers=1, timeout_s=0.5)
+    future = pool.submit([{"response": "hang", "ground_truth": ""}])
+    worker = pool._workers[0]
+    pool.close()  # waits for the call, which stops at its next poll (the 0.5 s deadline here)
+    with pytest.raises(RuntimeError, match="close"):
+        future.result(timeout=10)
+    assert pool._workers == [worker] and not worker.proc.is_alive()
+
+
 def test_dead_worker_counts_as_error(command_pool):
     scores, stats = _run(command_pool, ["5", "exit", "6"])
     assert [s["overall"] for s in scores] == [5.0, 0.0, 6.0]

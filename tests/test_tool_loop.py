@@ -177,6 +177,7 @@ from mentor.tools.executor import SandboxExecutor, UnsafeLocalExecutor  # noqa: 
 from mentor.workers.rollout.base import SamplingParams  # noqa: E402
 from mentor.workers.rollout.hf_engine import HFMixedRolloutEngine, HFRolloutEngine  # noqa: E402
 from mentor.workers.rollout.tool_loop import TOOL_STAT_KEYS, ToolRolloutLoop  # noqa: E402
+from mentor.workers.rollout.request import RolloutRequest, RolloutStats  # noqa: E402
 
 ADD = {"type": "function", "function": {"name": "add", "description": "a + b", "parameters": {
     "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}}}
@@ -571,21 +572,25 @@ def test_worker_generate_runs_rows_through_the_loop_with_their_tools(tok, monkey
     worker.tokenizer, worker.eos_ids, worker.pad_id = tok, [eos], PAD
     worker.engine = ScriptedEngine(tok, {tuple(p0): [call(a=1, b=2), "3"], tuple(p1): [call(a=1, b=2)]}, eos)
     batch = Batch(non_tensors={"prompt_ids": [p0, p1], "func_schemas": [json.dumps([ADD]), None],
-                               "env": [TOOLS.env, None]},
-                  meta={"phase": "on", "step": 1, "temperature": 1.0, "sandbox_url": "http://127.0.0.1:1"})
-    out = worker.generate(batch)
+                               "env": [TOOLS.env, None]})
+    request = RolloutRequest("on", 1, SamplingParams(max_new_tokens=300), sandbox_url="http://127.0.0.1:1")
+    out, stats = worker.generate(batch, request)
     assert out["responses"].shape == (2, 300) and out["input_ids"].shape == (2, 364)
     tool = out["response_mask"] - out["response_loss_mask"]
     assert tool[0].sum() > 0 and tool[1].sum() == 0  # row 1 has no tools: its call text is just text
     assert "result: \n3" in tok.decode(out["responses"][0][tool[0].bool()].tolist())
-    metrics = out.meta["metrics"]
+    metrics = stats.counters
     assert (metrics["tool/calls"], metrics["tool/rows"], metrics["tool/turns"]) == (1, 2, 3)
     assert list(worker._sandbox_clients) == ["http://127.0.0.1:1"]
 
 
-def test_driver_tool_metrics_are_rates_over_responses():
-    from mentor.trainer.ray_trainer import _engine_metrics
+def _engine_metrics(stats: dict[str, list[float]], phase: str) -> dict[str, float]:
+    """Per-rank counters (one list entry per rank) -> the driver's metrics, as RayTrainer.generate computes them."""
+    ranks = [RolloutStats(phase, 4, {k: v[r] for k, v in stats.items()}) for r in range(len(next(iter(stats.values()))))]
+    return RolloutStats.merge(ranks).metrics()
 
+
+def test_driver_tool_metrics_are_rates_over_responses():
     stats = {"tool/rows": [4.0, 4.0], "tool/turns": [8.0, 4.0], "tool/calls": [6.0, 2.0], "tool/valid_calls": [4.0, 2.0],
              "tool/error_bad_json": [2.0, 0.0], "tool/rows_with_calls": [3.0, 1.0], "tokens_emitted": [50.0, 30.0]}
     m = _engine_metrics(stats, "on")

@@ -7,7 +7,7 @@
 - ``schedules``: the alpha schedule of MENTOR's mixed rollouts, QuestA's hint-ratio schedule.
 """
 
-from mentor.algos.advantages import (compute_grpo_outcome_advantage, compute_luffy_advantage,
+from mentor.algos.advantages import (Estimator, compute_grpo_outcome_advantage, compute_luffy_advantage,
                                      compute_mixed_grpo_advantage, get_adv_estimator, register_adv_estimator)
 from mentor.algos.gamma import GAMMA_MIN, GAMMA_PRESETS, GAMMA_ROWS, gamma_token_mask, measure_gamma
 from mentor.algos.losses import (KL_PENALTY_KINDS, LOSS_AGG_MODES, agg_loss, compute_luffy_policy_loss,
@@ -18,7 +18,7 @@ from mentor.algos.tensor_ops import (entropy_from_logits, log_probs_from_logits,
                                      masked_sum, masked_var)
 
 __all__ = [
-    "ALPHA_SCHEDULES", "KL_PENALTY_KINDS", "LOSS_AGG_MODES", "register_adv_estimator", "get_adv_estimator",
+    "ALPHA_SCHEDULES", "Estimator", "KL_PENALTY_KINDS", "LOSS_AGG_MODES", "register_adv_estimator", "get_adv_estimator",
     "compute_grpo_outcome_advantage", "compute_mixed_grpo_advantage", "compute_luffy_advantage", "alpha_schedule",
     "HINT_SCHEDULES", "hint_ratio_schedule", "RolloutCounts", "rollouts_per_prompt", "GAMMA_MIN", "GAMMA_PRESETS",
     "GAMMA_ROWS", "gamma_token_mask", "measure_gamma", "agg_loss", "compute_policy_loss", "compute_luffy_policy_loss",

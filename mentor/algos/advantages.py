@@ -12,6 +12,7 @@ All take ``(token_level_rewards, response_mask, index, ...)`` and return ``(adva
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -19,11 +20,28 @@ import torch
 
 from mentor.algos.tensor_ops import _check_same_shape
 
+
+class Estimator(enum.StrEnum):
+    """``algorithm.adv_estimator``, converted once on the driver into ``config.derived.estimator``.
+
+    A ``str`` subclass, so a member equals (and hashes like) its config string: ``Estimator.LUFFY == "luffy"``.
+    """
+
+    GRPO = "grpo"
+    """On-policy GRPO: n on-policy rollouts per prompt."""
+    MIXED_GRPO = "mixed_grpo"
+    """MENTOR (Eq. 10-11): n on-policy + n_mix mixed rollouts while alpha > 0."""
+    LUFFY = "luffy"
+    """LUFFY: n - 1 on-policy rollouts + the prompt's expert solution."""
+
+
 _ADV_ESTIMATORS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {}
 
 
 def register_adv_estimator(name: str) -> Callable:
     """Decorator: register an advantage estimator under ``name``."""
+    name = str(name)  # an Estimator member registers under its plain string
+
     def decorator(fn: Callable) -> Callable:
         if name in _ADV_ESTIMATORS:
             raise ValueError(f"advantage estimator {name!r} is already registered")
@@ -58,7 +76,7 @@ def _sequence_scores(token_level_rewards: torch.Tensor, response_mask: torch.Ten
     return token_level_rewards.sum(dim=-1)  # [B]
 
 
-@register_adv_estimator("grpo")
+@register_adv_estimator(Estimator.GRPO)
 @torch.no_grad()
 def compute_grpo_outcome_advantage(
     token_level_rewards: torch.Tensor,
@@ -92,7 +110,7 @@ def compute_grpo_outcome_advantage(
     return adv, adv
 
 
-@register_adv_estimator("mixed_grpo")
+@register_adv_estimator(Estimator.MIXED_GRPO)
 @torch.no_grad()
 def compute_mixed_grpo_advantage(
     token_level_rewards: torch.Tensor,
@@ -150,7 +168,7 @@ def compute_mixed_grpo_advantage(
     return adv, adv
 
 
-@register_adv_estimator("luffy")
+@register_adv_estimator(Estimator.LUFFY)
 @torch.no_grad()
 def compute_luffy_advantage(
     token_level_rewards: torch.Tensor,

@@ -7,6 +7,8 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+from mentor.algos.advantages import Estimator
+
 ALPHA_SCHEDULES = ("cosine", "linear", "constant")
 
 
@@ -69,7 +71,7 @@ class RolloutCounts(NamedTuple):
     expert: int
 
 
-def rollouts_per_prompt(n: int, n_mix: int, estimator: str, alpha: float, after_alpha_zero: str = "keep"
+def rollouts_per_prompt(n: int, n_mix: int, estimator: Estimator | str, alpha: float, after_alpha_zero: str = "keep"
                         ) -> RolloutCounts:
     """The group of one prompt at a step with weight ``alpha``.
 
@@ -77,9 +79,9 @@ def rollouts_per_prompt(n: int, n_mix: int, estimator: str, alpha: float, after_
     once alpha = 0 the mixed rollouts stop and ``after_alpha_zero`` decides the budget: ``keep`` (official code)
     keeps the n on-policy rollouts, ``refill`` draws n + n_mix on-policy rollouts (same budget as before).
     """
-    if estimator == "luffy":
+    if estimator == Estimator.LUFFY:
         return RolloutCounts(n - 1, 0, 1)
-    if estimator != "mixed_grpo":
+    if estimator != Estimator.MIXED_GRPO:
         return RolloutCounts(n, 0, 0)
     if alpha > 0:
         return RolloutCounts(n, n_mix, 0)

@@ -12,6 +12,8 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
+from mentor.algos.advantages import Estimator
+
 PAPER_SYSTEM_PROMPT = (
     "You are a helpful AI Assistant that provides well-reasoned and detailed responses. You FIRST think about "
     "the reasoning process as an internal monologue and then provide the final answer. The reasoning process "
@@ -407,6 +409,8 @@ class DerivedConfig:
     """Ranks of the worker group: nnodes x n_gpus_per_node with Ray, 1 in local mode (``use_ray=false``)."""
     ranks_per_node: int = 1
     """Ranks on one node: n_gpus_per_node with Ray, 1 in local mode."""
+    estimator: Estimator = Estimator.MIXED_GRPO
+    """``algorithm.adv_estimator`` as an :class:`~mentor.algos.advantages.Estimator` (compare members, not strings)."""
     mixed: bool = False
     """MENTOR estimator (``adv_estimator=mixed_grpo``): mixed rollouts, the expert, Eq. 11 advantages."""
     n_mix: int = 0

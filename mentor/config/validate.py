@@ -16,7 +16,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from mentor.algos import ALPHA_SCHEDULES, KL_PENALTY_KINDS, LOSS_AGG_MODES
+from mentor.algos import ALPHA_SCHEDULES, KL_PENALTY_KINDS, LOSS_AGG_MODES, Estimator
 from mentor.config.schema import DerivedConfig, MentorRunConfig, register_configs
 from mentor.utils.device import resolve_device_type
 from mentor.utils.tracking import SWANLAB_MODES
@@ -133,7 +133,8 @@ def derive(c: MentorRunConfig) -> DerivedConfig:
     """The values every component reads instead of recomputing them (see :class:`DerivedConfig`)."""
     a, act, m = c.algorithm, c.worker.actor, c.algorithm.mentor
     world, per_node = world_layout(c)
-    mixed = a.adv_estimator == "mixed_grpo"
+    estimator = Estimator(a.adv_estimator)  # the one conversion from the config string
+    mixed = estimator is Estimator.MIXED_GRPO
     n_mix = m.n_mix if mixed else 0
     minis = c.data.rollout_batch_size // act.global_batch_size
     reward_range = m.reward_range if m.reward_range is not None else default_reward_range(
@@ -141,7 +142,8 @@ def derive(c: MentorRunConfig) -> DerivedConfig:
     _require(reward_range > 0, "algorithm.mentor.reward_range",
              "the reward weights span 0; set algorithm.mentor.reward_range > 0")
     return DerivedConfig(
-        device_type=resolve_device_type(c.trainer.device), world_size=world, ranks_per_node=per_node, mixed=mixed,
+        device_type=resolve_device_type(c.trainer.device), world_size=world, ranks_per_node=per_node,
+        estimator=estimator, mixed=mixed,
         n_mix=n_mix, responses_per_prompt=c.worker.rollout.n + n_mix, mini_batches_per_step=minis,
         optimizer_updates_per_step=minis * act.ppo_epochs, reward_range=float(reward_range),
         use_reference=act.use_kl_loss, max_seq_len=c.data.max_prompt_length + c.data.max_response_length)
@@ -154,9 +156,9 @@ def _require(ok: bool, key: str, msg: str) -> None:
 
 def _check_values(c: MentorRunConfig) -> None:
     d, a, act, ro, t = c.data, c.algorithm, c.worker.actor, c.worker.rollout, c.trainer
-    mixed = a.adv_estimator == "mixed_grpo"
-    _require(a.adv_estimator in ("grpo", "mixed_grpo", "luffy"), "algorithm.adv_estimator",
-             f"{a.adv_estimator!r} is not one of 'grpo', 'mixed_grpo', 'luffy'")
+    _require(a.adv_estimator in tuple(Estimator), "algorithm.adv_estimator",
+             f"{a.adv_estimator!r} is not one of {', '.join(repr(e.value) for e in Estimator)}")
+    mixed = a.adv_estimator == Estimator.MIXED_GRPO
     _require(d.rollout_batch_size >= 1, "data.rollout_batch_size", "must be >= 1")
     _require(d.max_prompt_length >= 1, "data.max_prompt_length", "must be >= 1")
     _require(d.max_response_length >= 1, "data.max_response_length", "must be >= 1")
@@ -233,7 +235,7 @@ def _check_guidance(c: MentorRunConfig) -> None:
              f"{q.schedule!r} is not one of {', '.join(HINT_SCHEDULES)}")
     _require(q.switch_step is None or q.switch_step >= 1, "algorithm.questa.switch_step", "must be >= 1 or null")
     _require(q.min_hint_chars >= 0, "algorithm.questa.min_hint_chars", "must be >= 0")
-    _require(bool(c.data.solution_key) or not (a.adv_estimator == "luffy" or q.enable), "data.solution_key",
+    _require(bool(c.data.solution_key) or not (a.adv_estimator == Estimator.LUFFY or q.enable), "data.solution_key",
              "LUFFY and QuestA need the row key of the expert solution")
 
 

@@ -16,7 +16,11 @@ Failure handling, counted per sample:
 Inputs are sent in chunks of ``chunk_size`` samples; each call, whatever its size, must finish
 within ``timeout_s``. A chunk that fails as a whole (raises, times out, dies, wrong length) is
 retried one sample at a time, so one bad sample never zeroes its neighbours and each sample is
-scored within its own ``timeout_s`` or given 0. Not thread-safe: call ``score`` from one thread.
+scored within its own ``timeout_s`` or given 0.
+
+``submit(reward_inputs)`` runs ``score`` in a background thread and returns a ``Future`` at once, so the
+caller can work meanwhile (the trainer computes old log-probs while the rewards are scored, as EasyR1 does).
+Calls are serialised by a lock: a ``score`` or ``submit`` made while another is running waits for it.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait as wait_connections
 from typing import Any
@@ -200,6 +205,8 @@ class RewardPool:
         self._startup_failures = 0
         self._task_ids = itertools.count()
         self._closed = False
+        self._lock = threading.Lock()  # one scoring call at a time (submit's thread or the caller's)
+        self._thread: threading.Thread | None = None  # the latest submit's
         self._workers: list[_Worker] = []
         try:
             for _ in range(num_workers):
@@ -217,6 +224,28 @@ class RewardPool:
 
     def score(self, reward_inputs: list[dict]) -> tuple[list[dict[str, float]], RewardStats]:
         """One score dict per input (failed samples: every key 0.0) and the failure counts."""
+        with self._lock:
+            return self._score(reward_inputs)
+
+    def submit(self, reward_inputs: list[dict]) -> Future[tuple[list[dict[str, float]], RewardStats]]:
+        """``score(reward_inputs)`` in a background thread; ``.result()`` of the returned future is its return
+        value (or raises its exception). The inputs must not change until then."""
+        if self._closed:
+            raise RuntimeError("RewardPool.submit called after close()")
+        future: Future = Future()
+
+        def run() -> None:
+            future.set_running_or_notify_cancel()
+            try:
+                future.set_result(self.score(reward_inputs))
+            except BaseException as err:  # delivered to the caller by future.result()
+                future.set_exception(err)
+
+        self._thread = threading.Thread(target=run, name="reward-pool-submit", daemon=True)
+        self._thread.start()
+        return future
+
+    def _score(self, reward_inputs: list[dict]) -> tuple[list[dict[str, float]], RewardStats]:
         if self._closed:
             raise RuntimeError("RewardPool.score called after close()")
         n = len(reward_inputs)
@@ -228,6 +257,8 @@ class RewardPool:
         size = self.chunk_size or min(_MAX_AUTO_CHUNK, max(1, math.ceil(n / (4 * self.num_workers))))
         pending = deque(list(range(i, min(i + size, n))) for i in range(0, n, size))
         while pending or any(w.task for w in self._workers):
+            if self._closed:  # close() from another thread; it waits for this call to return
+                raise RuntimeError("RewardPool closed while scoring")
             self._dispatch(pending, reward_inputs, results, stats)
             self._poll(pending, results, stats)
         if stats.errors or stats.timeouts or stats.invalid:
@@ -240,6 +271,9 @@ class RewardPool:
         if getattr(self, "_closed", True):  # closed, or __init__ failed before starting workers
             return
         self._closed = True
+        thread = getattr(self, "_thread", None)
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()  # a submitted call stops at its next poll (within timeout_s); then no one uses the workers
         for w in getattr(self, "_workers", []):
             w.stop(graceful=w.task is None)
 
@@ -347,7 +381,8 @@ class RewardPool:
 
     def _replace(self, slot: int, stats: RewardStats) -> None:
         self._workers[slot].stop(graceful=False)
-        self._workers[slot] = self._spawn()
+        if not self._closed:  # a submitted call that close() is waiting for starts no new process
+            self._workers[slot] = self._spawn()
         stats.restarts += 1
 
     @staticmethod

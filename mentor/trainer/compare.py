@@ -42,6 +42,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
+from mentor.algos import Estimator
 from mentor.config.validate import ConfigError, compose, validate
 from mentor.utils.tracking import read_metrics
 
@@ -249,7 +250,7 @@ def rollouts_per_prompt(config: dict[str, Any], alpha: float) -> int:
     ``refill``.
     """
     a, n = config["algorithm"], int(config["worker"]["rollout"]["n"])
-    if a["adv_estimator"] != "mixed_grpo":
+    if Estimator(a["adv_estimator"]) is not Estimator.MIXED_GRPO:  # a string in the run's config.yaml
         return n
     m = a["mentor"]
     if alpha > 0 or m.get("after_alpha_zero", "keep") == "refill":

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 from math import comb
-from typing import Any
 
 import numpy as np
 import torch
@@ -41,10 +40,11 @@ def reasoning_word_rates(texts: list[str], words: list[str]) -> dict[str, float]
     return out
 
 
-def rollout_metrics(batch: Batch, tokenizer: Any, reasoning_words: list[str]) -> dict[str, float]:
+def rollout_metrics(batch: Batch, reasoning_words: list[str]) -> dict[str, float]:
     """Reward, length, entropy and reasoning-word metrics of one step's rollouts, split on-policy / mixed / expert
     (LUFFY's expert trajectories, ``is_expert``). Lengths count every response token (tool outputs included: the
-    response-length cap counts them); entropy, advantages and reasoning words only the model-sampled tokens."""
+    response-length cap counts them); entropy and advantages only the model-sampled tokens; reasoning words are
+    counted in the non-tensor ``response_text``."""
     lengths = batch["response_mask"].sum(-1).float()
     max_len = batch["response_mask"].shape[1]
     mask = loss_mask(batch)  # [B, Lr]
@@ -71,9 +71,7 @@ def rollout_metrics(batch: Batch, tokenizer: Any, reasoning_words: list[str]) ->
         if key[len("reward_"):] not in ("overall", "accuracy", "format"):
             m[f"reward/{key[len('reward_'):]}"] = float(batch[key].float().mean())
     if reasoning_words:
-        texts = tokenizer.batch_decode([r[k.bool()].tolist() for r, k in zip(batch["responses"], mask)],
-                                       skip_special_tokens=True)
-        m.update(reasoning_word_rates(texts, reasoning_words))
+        m.update(reasoning_word_rates(list(batch["response_text"]), reasoning_words))
     return m
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from mentor.algos import alpha_schedule
+from mentor.algos import Estimator, alpha_schedule
 from mentor.config.schema import MentorRunConfig
 from mentor.config.validate import ConfigError, to_yaml
 from mentor.trainer.memory import MemoryPlan, ModelShape, format_memory, model_shape, plan_memory
@@ -59,7 +59,7 @@ def build_plan(c: MentorRunConfig, train_rows: int | None, policy: ModelShape | 
     plan["batch"] = {
         "prompts / step": d.rollout_batch_size,
         "responses / prompt": (f"{ro.n - 1} on-policy + 1 expert solution (LUFFY)"
-                               if c.algorithm.adv_estimator == "luffy" else
+                               if c.derived.estimator is Estimator.LUFFY else
                                f"{ro.n} on-policy" + (f" + {n_mix} mixed (while alpha > 0)" if n_mix else "")),
         "responses / step": f"{rows} ({rows // world} per rank)" + (
             f"; {d.rollout_batch_size * ro.n if m.after_alpha_zero == 'keep' else rows} once alpha = 0 "

@@ -1,9 +1,9 @@
 """The driver: MENTOR / GRPO training loop over a worker group (single controller).
 
 ``fit()`` reads like Algorithm 1 + Eq. 9-11 of the paper: per step, sample prompts; draw N_on on-policy rollouts;
-if alpha > 0, draw N_mix mixed-policy rollouts (speculative, exact) with the entropy threshold gamma_p; reward all;
-score old log-probs and entropies with the actor (gamma_p for the next step comes from these entropies);
-compute advantages (``grpo`` or ``mixed_grpo``); one PPO update over all responses; log; validate.
+if alpha > 0, draw N_mix mixed-policy rollouts (speculative, exact) with the entropy threshold gamma_p; reward all
+in the reward pool while the actor scores old log-probs and entropies (gamma_p for the next step comes from these
+entropies); compute advantages (``grpo`` or ``mixed_grpo``); one PPO update over all responses; log; validate.
 
 The paper's baselines run in the same loop: ``luffy`` (the group is N_on - 1 on-policy rollouts + the prompt's
 expert solution; A = R - group mean; shaped loss on expert tokens, in the actor) and QuestA
@@ -33,14 +33,17 @@ from mentor.data.questa import hinted_items
 from mentor.models.loader import load_tokenizer
 from mentor.protocol import Batch, loss_mask
 from mentor.rewards.inputs import build_reward_inputs, generation_eos_ids, place_on_last_token
-from mentor.rewards.pool import RewardPool
+from mentor.rewards.pool import RewardPool, RewardStats
 from mentor.single_controller import WorkerDiedError
 from mentor import algos
+from mentor.algos import Estimator
 from mentor.trainer.metrics import rollout_metrics, validation_metrics
 from mentor.utils import checkpoint as ckpt
 from mentor.utils.rng import capture_rng_state, restore_rng_state
 from mentor.utils.timing import timer
 from mentor.utils.tracking import Tracker
+from mentor.workers.rollout.base import SamplingParams
+from mentor.workers.rollout.request import Phase, RolloutRequest, RolloutStats
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +66,7 @@ class RayTrainer:
                   format_prompt=d.format_prompt, system_prompt=d.system_prompt, max_prompt_length=d.max_prompt_length,
                   filter_overlong_prompts=d.filter_overlong_prompts)
         a = c.algorithm
-        self.luffy = a.adv_estimator == "luffy"
+        self.luffy = c.derived.estimator is Estimator.LUFFY
         self.questa = a.questa.enable
         self.train_set = RLDataset(d.train_files, self.tokenizer, solution_key=d.solution_key,
                                    require_solution=self.luffy or self.questa, **kw)
@@ -196,25 +199,19 @@ class RayTrainer:
             with timer("sync_weights", metrics):
                 self.wg.sync_rollout_weights()
             with timer("gen", metrics):
-                batch = self.generate(prompts, self.n_on_policy(alpha), "on", step, metrics)  # [P*N_on, ...]
+                batch = self.generate(prompts, self.n_on_policy(alpha), Phase.ON_POLICY, step, metrics)  # [P*N_on,..]
             if self.luffy:  # one of the n rollouts per prompt is the expert's solution
-                expert = self.generate(prompts, 1, "expert", step, metrics)  # [P, ...]
+                expert = self.generate(prompts, 1, Phase.EXPERT, step, metrics)  # [P, ...]
                 batch = self.group_by_prompt(Batch.concat([batch, expert]))  # [P*n, ...]
             if self.mentor and alpha > 0:
                 with timer("gen_mixed", metrics):
                     gamma = self.gamma_for_step(batch, step)
-                    mixed = self.generate(prompts, m.n_mix, "mixed", step, metrics, gamma=gamma)  # [P*N_mix, ...]
+                    mixed = self.generate(prompts, m.n_mix, Phase.MIXED, step, metrics, gamma=gamma)  # [P*N_mix, ...]
                 batch = self.group_by_prompt(Batch.concat([batch, mixed]))  # [P*(N_on+N_mix), ...]
                 metrics.update({"mentor/alpha": alpha, "mentor/gamma": gamma})
             elif self.mentor:
                 metrics.update({"mentor/alpha": 0.0})
-            with timer("reward", metrics):
-                self.compute_rewards(batch, metrics)
-            with timer("old_log_prob", metrics):
-                batch = batch.union(self.wg.compute_log_probs(batch))
-                self.update_gamma(batch)
-                if self.mentor:
-                    metrics["mentor/gamma_next"] = self.gamma
+            batch = self.score(batch, metrics)
             if c.derived.use_reference:
                 with timer("ref", metrics):
                     batch = batch.union(self.wg.compute_ref_log_probs(batch))
@@ -222,7 +219,7 @@ class RayTrainer:
                 self.compute_advantages(batch, alpha)
             with timer("update_actor", metrics):
                 metrics.update(_mean_over_ranks(self.wg.update_actor(batch)))
-        metrics.update(rollout_metrics(batch, self.tokenizer, m.reasoning_words))
+        metrics.update(rollout_metrics(batch, m.reasoning_words))
         metrics["training/global_step"] = step
         metrics["training/epoch"] = self.sampler.epoch
         return metrics
@@ -231,8 +228,8 @@ class RayTrainer:
 
     def n_on_policy(self, alpha: float) -> int:
         c, m = self.config, self.config.algorithm.mentor
-        return algos.rollouts_per_prompt(c.worker.rollout.n, m.n_mix, c.algorithm.adv_estimator, alpha,
-                                   m.after_alpha_zero).on_policy
+        return algos.rollouts_per_prompt(c.worker.rollout.n, m.n_mix, c.derived.estimator, alpha,
+                                         m.after_alpha_zero).on_policy
 
     def sample_prompts(self, step: int = 1, metrics: dict[str, Any] | None = None) -> Batch:
         """The next P prompts: non-tensors ``prompt_ids``, ``ground_truth``, ``data_source``, ``uid`` (and
@@ -250,29 +247,17 @@ class RayTrainer:
             batch["solution_ids"] = [self.tokenizer(i.solution, add_special_tokens=False)["input_ids"] for i in items]
         return batch
 
-    def generate(self, prompts: Batch, n: int, phase: str, step: int, metrics: dict | None = None,
+    def generate(self, prompts: Batch, n: int, phase: Phase, step: int, metrics: dict | None = None,
                  gamma: float | None = None, temperature: float | None = None) -> Batch:
-        """n responses per prompt (rows interleaved: prompt 0's n rows, then prompt 1's ...)."""
-        ro = self.config.worker.rollout
+        """n responses per prompt (rows interleaved: prompt 0's n rows, then prompt 1's ...): the prompts'
+        non-tensors, the sequence tensors, ``response_text``, and ``is_mixed`` / ``is_expert`` [B]."""
         rep = prompts.repeat(n, interleave=True)
-        rep.meta.update(phase=phase, step=step, temperature=ro.temperature if temperature is None else temperature,
-                        top_p=ro.top_p, top_k=ro.top_k)
-        if phase.startswith("val"):
-            rep.meta.update(top_p=ro.val.top_p, top_k=-1)
-        if gamma is not None:
-            rep.meta["gamma"] = gamma
-        if ro.multi_turn.enable:
-            rep.meta["sandbox_url"] = self.sandbox_url()
-        out = self.wg.generate(rep)
-        stats = out.meta.pop("metrics", {})
+        out, per_rank = self.wg.generate(rep, self.rollout_request(phase, step, gamma, temperature))
         if metrics is not None:
-            metrics.update(_engine_metrics(stats, phase))
-        out.meta.clear()
-        base = rep.select(rep.non_tensor_keys)
-        base.meta.clear()
-        out = base.union(out)
-        out["is_mixed"] = torch.full((len(out),), phase == "mixed", dtype=torch.bool)
-        out["is_expert"] = torch.full((len(out),), phase == "expert", dtype=torch.bool)
+            metrics.update(RolloutStats.merge(per_rank).metrics())
+        out = rep.union(out)
+        out["is_mixed"] = torch.full((len(out),), phase is Phase.MIXED, dtype=torch.bool)
+        out["is_expert"] = torch.full((len(out),), phase is Phase.EXPERT, dtype=torch.bool)
         return out
 
     def sandbox_url(self) -> str:
@@ -292,6 +277,18 @@ class RayTrainer:
         box, self._sandbox = getattr(self, "_sandbox", None), None
         if box is not None:
             box.stop()
+
+    def rollout_request(self, phase: Phase, step: int, gamma: float | None = None,
+                        temperature: float | None = None) -> RolloutRequest:
+        """The sampling settings of ``phase`` from ``worker.rollout`` (validation: ``worker.rollout.val.top_p``, no
+        top-k); ``temperature`` overrides ``worker.rollout.temperature``."""
+        ro, phase = self.config.worker.rollout, Phase(phase)
+        val = phase.is_validation
+        sampling = SamplingParams(max_new_tokens=self.config.data.max_response_length,
+                                  temperature=ro.temperature if temperature is None else temperature,
+                                  top_p=ro.val.top_p if val else ro.top_p, top_k=-1 if val else ro.top_k)
+        url = self.sandbox_url() if ro.multi_turn.enable else None
+        return RolloutRequest(phase, step, sampling, gamma, sandbox_url=url)
 
     @staticmethod
     def group_by_prompt(batch: Batch) -> Batch:
@@ -322,11 +319,24 @@ class RayTrainer:
         self.gamma = algos.measure_gamma(scored["entropies"], loss_mask(scored), scored["is_mixed"],
                                          g.percentile, g.floor, g.rows, scored["is_expert"])
 
-    def compute_rewards(self, batch: Batch, metrics: dict[str, Any]) -> None:
-        """Scores from the reward pool, placed on each response's last token: ``token_level_scores`` [B, Lr]."""
-        texts = self.tokenizer.batch_decode(_response_ids(batch), skip_special_tokens=True)
-        inputs = build_reward_inputs(texts, batch, self.eos_ids)
-        scores, stats = self.reward_pool.score(inputs)
+    def score(self, batch: Batch, metrics: dict[str, Any]) -> Batch:
+        """Rewards and old log-probs of ``batch``, overlapped: the reward pool scores the responses in the
+        background while the actor computes ``old_log_probs`` / ``entropies`` [B, Lr] (and gamma_p for the next
+        step from them). Timers: ``old_log_prob``, then ``reward`` = the scoring time left after it."""
+        pending = self.reward_pool.submit(build_reward_inputs(list(batch["response_text"]), batch, self.eos_ids))
+        with timer("old_log_prob", metrics):
+            batch = batch.union(self.wg.compute_log_probs(batch))
+            self.update_gamma(batch)
+            if self.mentor:
+                metrics["mentor/gamma_next"] = self.gamma
+        with timer("reward", metrics):
+            self.place_rewards(batch, *pending.result(), metrics)
+        return batch
+
+    def place_rewards(self, batch: Batch, scores: list[dict[str, float]], stats: RewardStats,
+                      metrics: dict[str, Any]) -> None:
+        """The reward pool's ``scores`` (one dict per row) placed on each response's last token:
+        ``token_level_scores`` = ``token_level_rewards`` [B, Lr], and ``reward_<key>`` [B] per sub-score."""
         overall = torch.tensor([s["overall"] for s in scores], dtype=torch.float32)
         token_scores = place_on_last_token(overall, loss_mask(batch))  # [B, Lr] last model-sampled token
         batch["token_level_scores"] = token_scores
@@ -356,16 +366,15 @@ class RayTrainer:
         self.wg.sync_rollout_weights()
         results: dict[str, Any] = {}
         if ro.val.greedy:
-            greedy = self.generate(prompts, 1, "val_greedy", self.global_step, temperature=0.0)
+            greedy = self.generate(prompts, 1, Phase.VAL_GREEDY, self.global_step, temperature=0.0)
             results["greedy"] = self._val_scores(greedy)
-        sampled = self.generate(prompts, ro.val.n, "val_sample", self.global_step, temperature=ro.val.temperature)
+        sampled = self.generate(prompts, ro.val.n, Phase.VAL_SAMPLE, self.global_step,
+                                temperature=ro.val.temperature)
         results["sampled"] = self._val_scores(sampled)
         return validation_metrics(results, prompts, ro.val.n)
 
     def _val_scores(self, batch: Batch) -> dict[str, np.ndarray]:
-        texts = self.tokenizer.batch_decode(_response_ids(batch), skip_special_tokens=True)
-        inputs = build_reward_inputs(texts, batch, self.eos_ids)
-        scores, _ = self.reward_pool.score(inputs)
+        scores, _ = self.reward_pool.score(build_reward_inputs(list(batch["response_text"]), batch, self.eos_ids))
         out = {key: np.array([s.get(key, 0.0) for s in scores], dtype=float) for key in _score_keys(scores)}
         out["length"] = batch["response_mask"].sum(-1).numpy().astype(float)
         return out
@@ -423,47 +432,6 @@ def _score_keys(scores: list[dict[str, float]]) -> list[str]:
     """``overall``, ``accuracy``, ``format`` and every other sub-score the reward returned (the pool gives all
     items the same keys)."""
     return list(dict.fromkeys(["overall", "accuracy", "format", *(scores[0] if scores else {})]))
-
-
-def _response_ids(batch: Batch) -> list[list[int]]:
-    return [r[m.bool()].tolist() for r, m in zip(batch["responses"], batch["response_mask"])]
-
-
-def _engine_metrics(stats: dict[str, list[float]], phase: str) -> dict[str, float]:
-    """Engine stat sums (one value per rank) -> rates."""
-    total = {k: float(sum(v)) if isinstance(v, list) else float(v) for k, v in stats.items()}
-    tools = _tool_metrics(total, "_mix" if phase == "mixed" else "") if "tool/rows" in total else {}
-    return {**_phase_metrics(total, phase), **tools}
-
-
-def _tool_metrics(total: dict[str, float], suffix: str) -> dict[str, float]:
-    """Tool-loop stat sums (mentor/workers/rollout/tool_loop.py) -> per-response and per-call rates."""
-    rows, calls = max(total["tool/rows"], 1.0), max(total.get("tool/calls", 0.0), 1.0)
-    out = {f"tool/turns_per_response{suffix}": total.get("tool/turns", 0.0) / rows,
-           f"tool/calls_per_response{suffix}": total.get("tool/calls", 0.0) / rows,
-           f"tool/rows_with_calls{suffix}": total.get("tool/rows_with_calls", 0.0) / rows,
-           f"tool/valid_call_rate{suffix}": total.get("tool/valid_calls", 0.0) / calls,
-           f"tool/tool_tokens_per_response{suffix}": total.get("tool/tool_tokens", 0.0) / rows,
-           f"tool/results_truncated{suffix}": total.get("tool/results_truncated", 0.0),
-           f"tool/calls_unanswered{suffix}": total.get("tool/calls_unanswered", 0.0),
-           f"tool/rows_cut_in_tool_turn{suffix}": total.get("tool/rows_cut_in_tool_turn", 0.0)}
-    seconds = total.get("tool/gen_seconds", 0.0) + total.get("tool/tool_seconds", 0.0)
-    out[f"tool/wait_share{suffix}"] = total.get("tool/tool_seconds", 0.0) / seconds if seconds > 0 else 0.0
-    for key in [k for k in total if k.startswith("tool/error_")]:
-        out[f"{key}_rate{suffix}"] = total[key] / calls
-    return out
-
-
-def _phase_metrics(total: dict[str, float], phase: str) -> dict[str, float]:
-    if phase == "expert":  # expert solutions cut at data.max_response_length (no eos, usually no reward)
-        return {"luffy/expert_rows_cut": total.get("rows_cut", 0.0)}
-    if phase != "mixed":
-        return {}
-    tokens = max(total.get("tokens_emitted", 0.0), 1.0)
-    return {"mentor/accept_rate": total.get("drafts_accepted", 0.0) / max(total.get("drafts_proposed", 0.0), 1.0),
-            "mentor/mean_w": total.get("w_sum", 0.0) / tokens,
-            "mentor/guided_frac": total.get("tokens_guided", 0.0) / tokens,
-            "mentor/expert_passes_per_token": total.get("expert_row_passes", 0.0) / tokens}
 
 
 def _mean_over_ranks(per_rank: list[dict[str, float]]) -> dict[str, float]:

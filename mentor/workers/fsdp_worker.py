@@ -16,6 +16,7 @@ from collections.abc import Iterator
 
 import torch
 
+from mentor.algos import Estimator
 from mentor.config.schema import MentorRunConfig
 from mentor.models.loader import (check_same_vocabulary, eos_token_ids, load_causal_lm, load_tokenizer,
                                   resolve_dtype)
@@ -24,16 +25,14 @@ from mentor.single_controller import Dispatch, Worker, register
 from mentor.utils.checkpoint import load_worker_checkpoint, save_worker_checkpoint
 from mentor.workers.actor import Actor
 from mentor.workers.offload import OptimizerOffload, fsdp_offload_kwargs, place_buffers
-from mentor.workers.rollout.base import SamplingParams, build_sequences, fixed_rollout, positions_from_mask
+from mentor.workers.rollout.base import build_sequences, decode_responses, fixed_rollout, positions_from_mask
+from mentor.workers.rollout.request import Phase, RolloutRequest, RolloutStats
 
 logger = logging.getLogger(__name__)
 
-PHASES = {"on": 1, "mixed": 2, "val_greedy": 3, "val_sample": 4, "expert": 5}
-
-
-def sampling_seed(base: int, step: int, rank: int, phase: str) -> int:
+def sampling_seed(base: int, step: int, rank: int, phase: Phase | str) -> int:
     """Seed of one rank's sampling in one phase of one step: reproducible and resumable."""
-    return (base * 1_000_003 + step * 10_007 + rank * 101 + PHASES[phase]) % (2**63 - 1)
+    return (base * 1_000_003 + step * 10_007 + rank * 101 + Phase(phase).seed_id) % (2**63 - 1)
 
 
 def lr_lambda(warmup: int, total: int, schedule: str, min_ratio: float):
@@ -131,7 +130,7 @@ class FSDPWorker(Worker):
         # offload_params puts the optimizer on the CPU already (FSDP's CPUOffloadPolicy)
         self.optimizer_offload = OptimizerOffload(self.optimizer, self.dev,
                                                   enabled=act.fsdp.offload_optimizer and not act.fsdp.offload_params)
-        luffy = c.algorithm.luffy if c.algorithm.adv_estimator == "luffy" else None
+        luffy = c.algorithm.luffy if c.derived.estimator is Estimator.LUFFY else None
         self.actor = Actor(self.model, act, self.optimizer, self.lr_scheduler, self.world_size, luffy=luffy)
         self._init_rollout()
         self.ref = None
@@ -245,48 +244,46 @@ class FSDPWorker(Worker):
                 params[name].copy_(full.to(params[name].dtype))
 
     @register(Dispatch.DP_COMPUTE)
-    def generate(self, batch: Batch) -> Batch:
-        """Sample one response per row of ``batch`` (non-tensor ``prompt_ids``).
+    def generate(self, prompts: Batch, request: RolloutRequest) -> tuple[Batch, RolloutStats]:
+        """Sample one response per row of ``prompts`` (non-tensor ``prompt_ids``) as ``request`` says.
 
-        meta: ``phase`` (on | mixed | val_greedy | val_sample | expert), ``step``, ``temperature``, ``top_p``,
-        ``top_k``, and for ``mixed`` the entropy threshold ``gamma``. ``expert`` samples nothing: the rows'
-        ``solution_ids`` (LUFFY's expert trajectories) become the responses, eos appended. Returns the sequence
-        tensors at fixed widths (data.max_prompt_length, data.max_response_length) and ``meta["metrics"]`` = the
-        engine's stat sums.
+        ``Phase.EXPERT`` samples nothing: the rows' ``solution_ids`` (LUFFY's expert trajectories) become the
+        responses, eos appended. Returns the sequence tensors at fixed widths (data.max_prompt_length,
+        data.max_response_length) with the non-tensor ``response_text`` (decoded once, here), and the engine's
+        counters.
         """
-        c, meta = self.config, batch.meta
-        prompts = [list(map(int, p)) for p in batch["prompt_ids"]]
-        params = SamplingParams(max_new_tokens=c.data.max_response_length, temperature=meta["temperature"],
-                                top_p=meta.get("top_p", 1.0), top_k=meta.get("top_k", -1))
+        c, phase = self.config, request.phase
+        prompt_ids = [list(map(int, p)) for p in prompts["prompt_ids"]]
         gen = torch.Generator(device=self.dev).manual_seed(
-            sampling_seed(c.worker.rollout.seed, meta["step"], self.rank, meta["phase"]))
-        engine = self.mixed_engine if meta["phase"] == "mixed" else self.engine
-        if meta["phase"] == "expert":
+            sampling_seed(c.worker.rollout.seed, request.step, self.rank, phase))
+        if phase is Phase.EXPERT:
             eos = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else self.eos_ids[0]
-            out = fixed_rollout(batch["solution_ids"], eos, self.pad_id, c.data.max_response_length)
-            seqs = pad_to_width(build_sequences(prompts, out, self.pad_id), c.data.max_prompt_length,
-                                c.data.max_response_length, self.pad_id)
-            return Batch(tensors={k: v.cpu() for k, v in seqs.items()}, meta={"metrics": dict(out.stats)})
-        kwargs = {"gamma": meta["gamma"], "k": c.worker.rollout.spec_k} if meta["phase"] == "mixed" else {}
-        if c.worker.rollout.multi_turn.enable:  # every row through the loop; rows without tools stay single-turn
-            out = self._tool_loop(engine, meta).generate(prompts, self._row_tools(batch), params, gen, **kwargs)
+            out = fixed_rollout(prompts["solution_ids"], eos, self.pad_id, c.data.max_response_length)
         else:
-            out = engine.generate(prompts, params, gen, **kwargs)
-        if c.worker.rollout.name == "vllm":
-            engine.sleep()  # no-op on CPU
-        seqs = pad_to_width(build_sequences(prompts, out, self.pad_id), c.data.max_prompt_length,
+            engine = self.mixed_engine if phase is Phase.MIXED else self.engine
+            kwargs = {"gamma": request.gamma, "k": c.worker.rollout.spec_k} if phase is Phase.MIXED else {}
+            if c.worker.rollout.multi_turn.enable:  # every row through the loop; rows without tools stay single-turn
+                loop = self._tool_loop(engine, request.sandbox_url)
+                out = loop.generate(prompt_ids, self._row_tools(prompts), request.sampling, gen, **kwargs)
+            else:
+                out = engine.generate(prompt_ids, request.sampling, gen, **kwargs)
+            if c.worker.rollout.name == "vllm":
+                engine.sleep()  # no-op on CPU
+        seqs = pad_to_width(build_sequences(prompt_ids, out, self.pad_id), c.data.max_prompt_length,
                             c.data.max_response_length, self.pad_id)
-        return Batch(tensors={k: v.cpu() for k, v in seqs.items()}, meta={"metrics": dict(out.stats)})
+        text = decode_responses(self.tokenizer, seqs["responses"], seqs["response_mask"])
+        batch = Batch(tensors={k: v.cpu() for k, v in seqs.items()}, non_tensors={"response_text": text})
+        return batch, RolloutStats(phase, len(prompt_ids), dict(out.stats))
 
-    def _tool_loop(self, engine, meta: dict):
-        """The multi-turn tool loop over ``engine``, calling the sandbox at ``meta["sandbox_url"]`` (the driver's)."""
+    def _tool_loop(self, engine, sandbox_url: str | None):
+        """The multi-turn tool loop over ``engine``, calling the sandbox at ``sandbox_url`` (the driver's)."""
         from mentor.tools.executor import SandboxExecutor
         from mentor.workers.rollout.tool_loop import ToolRolloutLoop
 
         mt = self.config.worker.rollout.multi_turn
-        url = meta.get("sandbox_url") or mt.sandbox_url
+        url = sandbox_url or mt.sandbox_url
         if not url:
-            raise ValueError("multi-turn rollouts need a sandbox: the driver passes meta['sandbox_url'], or set "
+            raise ValueError("multi-turn rollouts need a sandbox: the driver passes RolloutRequest.sandbox_url, or set "
                              "worker.rollout.multi_turn.sandbox_url")
         clients = self._sandbox_clients
         if url not in clients:

@@ -21,6 +21,7 @@ __all__ = [
     "build_sequences",
     "check_prompts",
     "concat_outputs",
+    "decode_responses",
     "fixed_rollout",
     "left_pad",
 ]
@@ -184,3 +185,10 @@ def fixed_rollout(response_ids: list[list[int]], eos_token_id: int, pad_id: int,
         responses[i, :len(r)] = torch.tensor(r, dtype=torch.long)
         mask[i, :len(r)] = 1
     return RolloutOutput(responses, mask, {"tokens_emitted": float(mask.sum()), "rows_cut": float(cut)})
+
+
+def decode_responses(tokenizer, responses: Tensor, response_mask: Tensor) -> list[str]:
+    """The text of each row's response tokens: ``responses`` [B, Lr] where ``response_mask`` [B, Lr] is 1, special
+    tokens skipped. Decoded once per rollout (the worker's ``response_text``); rewards and metrics read that."""
+    rows = [r[m.bool()].tolist() for r, m in zip(responses, response_mask)]
+    return tokenizer.batch_decode(rows, skip_special_tokens=True)
