@@ -159,8 +159,9 @@ def test_step_metrics_count_entropy_on_sampled_tokens_and_length_on_all():
                            "response_loss_mask": loss, "is_mixed": torch.tensor([False, False]),
                            "entropies": torch.tensor([[1.0, 9.0, 9.0, 3.0], [2.0, 2.0, 0.0, 0.0]]),
                            "advantages": torch.tensor([[1.0, 5.0, 5.0, 1.0], [-1.0, -1.0, 0.0, 0.0]]),
-                           **{f"reward_{k}": torch.zeros(2) for k in ("overall", "accuracy", "format")}})
-    m = rollout_metrics(batch, tokenizer=None, reasoning_words=[])
+                           **{f"reward_{k}": torch.zeros(2) for k in ("overall", "accuracy", "format")}},
+                  non_tensors={"response_text": ["", ""]})
+    m = rollout_metrics(batch, reasoning_words=[])
     assert m["actor/entropy"] == pytest.approx((1 + 3 + 2 + 2) / 4)  # the tool tokens' 9s are not counted
     assert m["critic/advantages_mean"] == pytest.approx(0.0)  # (1 + 1 - 1 - 1) / 4
     assert m["response_length/mean"] == 3.0 and m["response_length/max"] == 4.0  # (4 + 2) / 2, tool tokens in
@@ -177,7 +178,7 @@ from mentor.tools.executor import SandboxExecutor, UnsafeLocalExecutor  # noqa: 
 from mentor.workers.rollout.base import SamplingParams  # noqa: E402
 from mentor.workers.rollout.hf_engine import HFMixedRolloutEngine, HFRolloutEngine  # noqa: E402
 from mentor.workers.rollout.tool_loop import TOOL_STAT_KEYS, ToolRolloutLoop  # noqa: E402
-from mentor.workers.rollout.request import RolloutRequest, RolloutStats  # noqa: E402
+from mentor.workers.rollout.request import Phase, RolloutRequest, RolloutStats  # noqa: E402
 
 ADD = {"type": "function", "function": {"name": "add", "description": "a + b", "parameters": {
     "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}}}
@@ -586,7 +587,7 @@ def test_worker_generate_runs_rows_through_the_loop_with_their_tools(tok, monkey
 
 def _engine_metrics(stats: dict[str, list[float]], phase: str) -> dict[str, float]:
     """Per-rank counters (one list entry per rank) -> the driver's metrics, as RayTrainer.generate computes them."""
-    ranks = [RolloutStats(phase, 4, {k: v[r] for k, v in stats.items()}) for r in range(len(next(iter(stats.values()))))]
+    ranks = [RolloutStats(Phase(phase), 4, {k: v[r] for k, v in stats.items()}) for r in range(len(next(iter(stats.values()))))]
     return RolloutStats.merge(ranks).metrics()
 
 
