@@ -36,6 +36,8 @@ class LocalWorkerGroup(WorkerGroup):
             "MASTER_PORT": str(free_port("127.0.0.1")),
         }
         self._saved_env = {k: os.environ.get(k) for k in env}
+        # a process group that exists already (an in-process vLLM engine's, a caller's) is not ours to destroy
+        self._group_was_there = dist.is_initialized()
         os.environ.update(env)
         self.worker = worker_cls(*init_args, **init_kwargs)
 
@@ -49,11 +51,12 @@ class LocalWorkerGroup(WorkerGroup):
         return [getattr(self.worker, name)(*args, **kwargs) for args, kwargs in calls]
 
     def shutdown(self) -> None:
-        """Drop the worker, leave its process group, restore the environment variables."""
+        """Drop the worker, leave the process group it made (not one that was there before), restore the
+        environment variables."""
         if getattr(self, "worker", None) is None:
             return
         self.worker = None
-        if dist.is_initialized():
+        if dist.is_initialized() and not self._group_was_there:
             dist.destroy_process_group()
         for key, value in self._saved_env.items():
             if value is None:
