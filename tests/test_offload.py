@@ -12,11 +12,17 @@ from mentor.workers.offload import OptimizerOffload, fsdp_offload_kwargs, optimi
 
 @pytest.fixture(scope="module")
 def gloo():
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialised in this process")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port('127.0.0.1')}", rank=0, world_size=1)
+    """A world-size-1 process group: ours, or the one an earlier test of this process left (an in-process vLLM
+    engine keeps its gloo group for the process's life)."""
+    ours = not dist.is_initialized()
+    if ours:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port('127.0.0.1')}", rank=0,
+                                world_size=1)
+    elif dist.get_world_size() != 1:
+        pytest.skip(f"this process is in a process group of world size {dist.get_world_size()}")
     yield
-    dist.destroy_process_group()
+    if ours:
+        dist.destroy_process_group()
 
 
 def _tiny_model() -> torch.nn.Module:
