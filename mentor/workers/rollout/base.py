@@ -178,13 +178,19 @@ def fixed_rollout(response_ids: list[list[int]], eos_token_id: int, pad_id: int,
     """
     rows = [(list(map(int, r)) + [int(eos_token_id)])[:max_new_tokens] for r in response_ids]
     cut = sum(len(r) + 1 > max_new_tokens for r in response_ids)
-    width = max((len(r) for r in rows), default=0)
-    responses = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        responses[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, :len(r)] = 1
+    responses, mask = right_pad(rows, pad_id)
     return RolloutOutput(responses, mask, {"tokens_emitted": float(mask.sum()), "rows_cut": float(cut)})
+
+
+def right_pad(responses: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Token lists -> (responses [B, Lr] right-padded with ``pad_id``, response_mask [B, Lr]), Lr the longest row."""
+    width = max((len(r) for r in responses), default=0)
+    ids = torch.full((len(responses), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(responses), width), dtype=torch.long)
+    for row, tokens in enumerate(responses):
+        ids[row, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        mask[row, :len(tokens)] = 1
+    return ids, mask
 
 
 def decode_responses(tokenizer, responses: Tensor, response_mask: Tensor) -> list[str]:

@@ -44,7 +44,7 @@ import torch
 from mentor.tools.calls import (CallError, ToolCall, ToolSet, parse_tool_calls, tool_call_stats,
                                 tool_response_content, tool_turn_text)
 from mentor.tools.executor import ToolExecutor, ToolRequest
-from mentor.workers.rollout.base import RolloutEngine, RolloutOutput, SamplingParams, check_prompts
+from mentor.workers.rollout.base import RolloutEngine, RolloutOutput, SamplingParams, check_prompts, right_pad
 
 logger = logging.getLogger(__name__)
 
@@ -183,12 +183,6 @@ class ToolRolloutLoop:
         return self.tokenizer.decode(ids[:self.max_tool_response_tokens], skip_special_tokens=False) + TRUNCATED
 
     def _output(self, responses: list[list[int]], sampled: list[list[int]], stats: dict[str, float]) -> RolloutOutput:
-        width = max((len(r) for r in responses), default=0)
-        ids = torch.full((len(responses), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(responses), width), dtype=torch.long)
-        loss = torch.zeros((len(responses), width), dtype=torch.long)
-        for i, (r, s) in enumerate(zip(responses, sampled)):
-            ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-            mask[i, :len(r)] = 1
-            loss[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        ids, mask = right_pad(responses, self.pad_token_id)
+        loss, _ = right_pad(sampled, 0)  # sampled[i] holds one 0/1 per token of responses[i]: the same widths
         return RolloutOutput(ids, mask, stats, response_loss_mask=loss)

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from mentor.config.schema import VLLMConfig
-from mentor.workers.rollout.base import RolloutOutput, SamplingParams, check_prompts
+from mentor.workers.rollout.base import RolloutOutput, SamplingParams, check_prompts, right_pad
 from mentor.workers.rollout.hf_mixed import MIXED_STAT_KEYS
 from mentor.workers.rollout.vllm_adapter import (EXTENSION, check_version, fix_cpu_spec_decode, guard_engine_shutdown,
                                                  keep_process_state, prepare_environment, register_mixture_model,
@@ -69,17 +69,6 @@ def request_seeds(generator_or_seed: torch.Generator | int, n: int) -> list[int]
         generator_or_seed = torch.Generator().manual_seed(generator_or_seed)
     gen = generator_or_seed
     return torch.randint(0, 2**62, (n,), generator=gen, device=gen.device).tolist()
-
-
-def right_pad(responses: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token lists -> (responses [B, Lr] right-padded, response_mask [B, Lr])."""
-    width = max((len(r) for r in responses), default=0)
-    ids = torch.full((len(responses), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(responses), width), dtype=torch.long)
-    for row, tokens in enumerate(responses):
-        ids[row, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-        mask[row, :len(tokens)] = 1
-    return ids, mask
 
 
 def _world_size() -> int:
