@@ -42,7 +42,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
-from mentor.algos import Estimator
+from mentor.algos import Estimator, rollouts_per_prompt as rollouts_per_prompt_of_step
 from mentor.config.validate import ConfigError, compose, validate
 from mentor.utils.tracking import read_metrics
 
@@ -249,13 +249,11 @@ def rollouts_per_prompt(config: dict[str, Any], alpha: float) -> int:
     ``after_alpha_zero=keep`` (the default, and the only behaviour of trainers without the key), n + n_mix with
     ``refill``.
     """
-    a, n = config["algorithm"], int(config["worker"]["rollout"]["n"])
-    if Estimator(a["adv_estimator"]) is not Estimator.MIXED_GRPO:  # a string in the run's config.yaml
-        return n
-    m = a["mentor"]
-    if alpha > 0 or m.get("after_alpha_zero", "keep") == "refill":
-        return n + int(m["n_mix"])
-    return n
+    a, m = config["algorithm"], config["algorithm"].get("mentor", {})
+    counts = rollouts_per_prompt_of_step(int(config["worker"]["rollout"]["n"]), int(m.get("n_mix", 0)),
+                                         Estimator(a["adv_estimator"]),  # a string in the run's config.yaml
+                                         alpha, m.get("after_alpha_zero", "keep"))
+    return sum(counts)
 
 
 GUIDED_DIAGNOSTICS = ("mentor/accept_rate", "mentor/guided_frac", "mentor/mean_w", "actor/entropy_on",
