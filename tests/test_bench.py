@@ -90,3 +90,30 @@ def test_figures_are_drawn_from_the_committed_metrics_and_bench_json(tmp_path):
     names = sorted(Path(p).name for p in paths)
     assert names == ["pass_at_k.png", "reasoning_words.png", "rollout_throughput.png", "training_dynamics.png"]
     assert all(Path(p).stat().st_size > 10_000 for p in paths)
+
+
+def test_tool_rollout_summary_is_medians_and_ratios_within_each_repeat():
+    from tool_rollout import summarize as tool_summary
+
+    def rep(single_s, multi_s, tool_s):
+        return {"single-turn": {"wall_s": single_s, "tokens": 100.0, "rows": 4, "gen_s": single_s, "tool_s": 0.0,
+                                "turns": 1.0},
+                "multi-turn": {"wall_s": multi_s, "tokens": 300.0, "rows": 4, "gen_s": multi_s - tool_s,
+                               "tool_s": tool_s, "turns": 2.5, "tool_tokens": 40.0, "calls": 1.5}}
+
+    single, multi = tool_summary([rep(1.0, 6.0, 1.5), rep(2.0, 6.0, 3.0), rep(1.0, 3.0, 0.3)])
+    assert single["tokens_per_s"] == 100.0 and single["vs_single"] == 1.0 and single["wait_share"] == 0.0
+    # tokens/s 50, 50, 100 -> 50; vs single per repeat 0.5, 1.0, 1.0 -> 1.0 (a machine slowdown cancels in a repeat)
+    assert multi["tokens_per_s"] == 50.0 and multi["vs_single"] == 1.0
+    assert multi["wait_share"] == 0.25  # 1.5 / 6, 3 / 6, 0.3 / 3 -> median 0.25
+    assert (multi["sampled_tokens_per_response"], multi["turns_per_response"], multi["calls_per_response"]) == (
+        75.0, 2.5, 1.5)
+
+
+@pytest.mark.slow
+def test_tool_rollout_bench_quick_runs_both_modes_against_the_real_sandbox(tmp_path):
+    data = _run("tool_rollout", tmp_path)
+    single, multi = data["results"]
+    assert (single["mode"], multi["mode"]) == ("single-turn", "multi-turn")
+    assert single["tokens_per_s"] > 0 and multi["tokens_per_s"] > 0
+    assert multi["turns_per_response"] >= 1.0 and 0.0 <= multi["wait_share"] < 1.0

@@ -47,7 +47,7 @@ def test_every_method_sets_its_estimator_and_group_size_and_is_listed():
     for name in cmp.METHODS:
         o = cmp.method_overrides(name)
         assert {"algorithm.adv_estimator", "worker.rollout.n"} <= set(o), name
-        assert listing.count(f"{name}: ") == 1
+        assert sum(line.startswith(f"{name}: ") for line in listing.splitlines()) == 1
     with pytest.raises(cmp.CompareError, match="unknown method 'ppo'"):
         cmp.method_overrides("ppo")
 
@@ -267,3 +267,25 @@ def test_complete_runs_are_skipped_failed_ones_reported_and_the_rest_still_tabul
     res = json.loads((tmp_path / "results.json").read_text())
     assert sorted(res["methods"]["grpo"]["seeds"]) == ["1", "3"] and res["incomplete"] == ["grpo/seed2"]
     assert res["methods"]["grpo"]["aggregate"]["final_val"]["mean"] == pytest.approx(0.7)  # (0.9 + 0.5) / 2
+
+
+def _tool_rows(final_match):
+    rows = [{k: v for k, v in r.items() if k != "mentor/alpha"} for r in _run_rows(0.6)]
+    for r, (m, h, t) in zip((rows[0], rows[2], rows[4]), ((0.2, 0.7, 2.0), (0.5, 0.9, 2.4), (final_match, 1.0, 2.6))):
+        r.update({"val/tool_match": m, "val/no_hallucination": h, "val/tool/turns_per_response": t})
+    return rows
+
+
+def test_tool_runs_get_tool_match_invented_rate_and_turns_in_table_and_plot(tmp_path):
+    s = cmp.summarize_run(_tool_rows(0.8), _cfg("grpo", n=8))
+    assert s["tool_curves"]["invented"] == [[0, pytest.approx(0.3)], [2, pytest.approx(0.1)], [4, 0.0]]  # 1 - H
+    assert (s["final_tool_match"], s["final_invented"], s["final_turns"]) == (0.8, 0.0, 2.6)
+    agg = {"tool_mentor": cmp.aggregate({1: s, 2: cmp.summarize_run(_tool_rows(0.6), _cfg("grpo", n=8))})}
+    assert agg["tool_mentor"]["final_tool_match"]["mean"] == pytest.approx(0.7)
+    assert agg["tool_mentor"]["tool_curves"]["tool_match"][0] == [0, pytest.approx(0.2), pytest.approx(0.0)]
+    lines = cmp.render_table(agg).splitlines()
+    assert "| final tool match | final invented-tool rate | final turns / response |" in lines[0]
+    assert "| 0.700 ± 0.141 | 0.000 ± 0.000 | 2.60 ± 0.00 |" in lines[2]
+    assert "tool match" not in cmp.render_table(_two_method_agg())  # runs without tools: the usual columns
+    path = cmp.plot_tool_curves(agg, str(tmp_path / "tool_curves.png"))
+    assert (tmp_path / "tool_curves.png").stat().st_size > 10_000 and path.endswith("tool_curves.png")

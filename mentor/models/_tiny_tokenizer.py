@@ -34,8 +34,18 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
+# The tool-use variant: ``tools=`` (OpenAI schemas, wrapped in {"type": "function", "function": ...} or bare) render
+# as one short system line naming them, ``tools: add, multiply`` (a 0.5M model has no room for JSON schemas).
+TOOL_CHAT_TEMPLATE = (
+    "{%- if tools %}{{- '<|im_start|>system\\ntools: ' }}"
+    "{%- for t in tools %}{{- (t.function.name if t.function is defined else t.name) }}"
+    "{{- ', ' if not loop.last }}{%- endfor %}{{- '<|im_end|>\\n' }}{%- endif %}"
+    + CHAT_TEMPLATE
+)
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 320) -> PreTrainedTokenizerFast:
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 320, chat_template: str = CHAT_TEMPLATE
+                    ) -> PreTrainedTokenizerFast:
     """Byte-level BPE of at most ``vocab_size`` tokens trained on ``texts`` (see ``corpus_text``).
 
     Special tokens take ids 0..2 (pad ``<|endoftext|>``, ``<|im_start|>``, eos ``<|im_end|>``).
@@ -65,7 +75,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 320) -> PreTrainedTo
         model_max_length=512,
         clean_up_tokenization_spaces=False,
     )
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = chat_template
     return fast
 
 

@@ -63,8 +63,12 @@ def sft(
     warmup: int,
     on_step: Callable[[int], None] | None = None,
     desc: str = "sft",
+    encode: Callable[[object, list], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = encode_sft_batch,
 ) -> list[float]:
-    """Train ``model`` for ``steps`` AdamW steps on ``stream``; ``on_step(step)`` after each. Returns losses."""
+    """Train ``model`` for ``steps`` AdamW steps on ``stream``; ``on_step(step)`` after each. Returns losses.
+
+    ``encode(tokenizer, items)`` turns ``batch_size`` items of the stream into (input_ids, attention_mask, labels).
+    """
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     losses = []
     model.train()
@@ -72,7 +76,7 @@ def sft(
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr_at(step - 1, steps, lr, warmup)
-        ids, mask, labels = encode_sft_batch(tokenizer, list(itertools.islice(stream, batch_size)))
+        ids, mask, labels = encode(tokenizer, list(itertools.islice(stream, batch_size)))
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -90,6 +90,8 @@ class TinyBuildConfig:
     pass_k: int = 8
     pass_rows: int = 128
     """Val rows (shuffled with the seed) for pass@k at temperature 1.0."""
+    task: str = "arith"
+    """``arith`` (mentor.data.synthetic) or ``tool`` (mentor.data.tool_synthetic, built by ``_tiny_tools``)."""
     num_threads: int = 1
     """torch threads during the build: fixed so the bytes reproduce; one thread also keeps the
     build fast on a shared machine (two threads contending for busy cores ran 3-10x slower)."""
@@ -102,15 +104,21 @@ QUICK = TinyBuildConfig(
 VARIANTS: dict[str, dict] = {
     "default": {},
     "hard": {"forget_carry": 0.97, "min_carries": 2},
+    "tool": {"task": "tool", "n_train": 2048, "vocab_size": 384, "steps": 400, "policy_steps": 150},
 }
 """Fields each variant changes in TinyBuildConfig (or QUICK). ``hard``: carry chains of >= 2 the student
-skips 97% of the time at each carry, so it solves ~0.03^2 of them per sample."""
+skips 97% of the time at each carry, so it solves ~0.03^2 of them per sample. ``tool``: the tool-use task
+(tool-use MENTOR; mentor/data/tool_synthetic.py, mentor/models/_tiny_tools.py)."""
 
 
 def variant_config(variant: str = "default", quick: bool = False) -> TinyBuildConfig:
     if variant not in VARIANTS:
         raise ValueError(f"tiny variant {variant!r} is unknown; choose one of {sorted(VARIANTS)}")
-    return dataclasses.replace(QUICK if quick else TinyBuildConfig(), **VARIANTS[variant])
+    fields = VARIANTS[variant]
+    if quick:  # a variant's sizes give way to QUICK's (a smoke build stays seconds long)
+        sized = {f.name for f in dataclasses.fields(QUICK) if getattr(QUICK, f.name) != f.default}
+        fields = {k: v for k, v in fields.items() if k not in sized}
+    return dataclasses.replace(QUICK if quick else TinyBuildConfig(), **fields)
 
 
 def default_dir(seed: int = 0, quick: bool = False, variant: str = "default") -> Path:
@@ -204,6 +212,17 @@ def _build(out: Path, seed: int, cfg: TinyBuildConfig, variant: str = "default")
     from mentor.models import _tiny_tokenizer as ttok
 
     t0 = time.perf_counter()
+    if cfg.task == "tool":
+        from mentor.models import _tiny_tools
+
+        built = _tiny_tools.build(out, seed, cfg, _new_model)
+        for name in built["models"]:
+            built["models"][name]["sha256"] = _sha256(out / name / "model.safetensors")
+        report = {"version": VERSION, "seed": seed, "variant": variant, "config": dataclasses.asdict(cfg), **built,
+                  "timing_s": {"total": round(time.perf_counter() - t0, 1)}}
+        (out / REPORT).write_text(json.dumps(report, indent=2) + "\n")
+        out.chmod(0o755)
+        return
     train, val = synthetic.make_splits(seed, cfg.n_train, cfg.n_val, cfg.min_carries)
     synthetic.write_jsonl(train, out / "data" / "train.jsonl")
     synthetic.write_jsonl(val, out / "data" / "val.jsonl")
@@ -294,6 +313,14 @@ def _sha256(path: Path) -> str:
 
 def format_table(report: dict) -> str:
     k = report["config"]["pass_k"]
+    if report["config"].get("task") == "tool":
+        lines = [f"{'model':<8} {'params':>9} {'greedy':>7} {'match':>7} {'t=1 acc':>7} {'match':>7} {'invent':>7} "
+                 f"{'turns':>6} {f'pass@{k}':>7}"]
+        for name, m in report["models"].items():
+            lines.append(f"{name:<8} {m['params']:>9,} {m['greedy_acc']:>7.3f} {m['greedy_tool_match']:>7.3f} "
+                         f"{m['sample_acc']:>7.3f} {m['sample_tool_match']:>7.3f} {m['sample_invented']:>7.3f} "
+                         f"{m['sample_turns']:>6.2f} {m[f'pass@{k}']:>7.3f}")
+        return "\n".join(lines)
     lines = [f"{'model':<8} {'params':>9} {'greedy':>7} {'format':>7} {f'pass@{k}':>7} {'t=1 acc':>7}"]
     for name, m in report["models"].items():
         lines.append(f"{name:<8} {m['params']:>9,} {m['greedy_acc']:>7.3f} "
@@ -309,9 +336,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--force", action="store_true", help="rebuild even if cached")
     parser.add_argument("--quick", action="store_true", help="seconds-long smoke build (barely trained models)")
     parser.add_argument("--variant", choices=sorted(VARIANTS), default="default",
-                        help="task variant (hard: >= 2 carries per problem, student skips 97%% of carries)")
+                        help="task variant (hard: >= 2 carries per problem, student skips 97%% of carries; "
+                             "tool: the tool-use task)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per sandbox call otherwise (tool variant)
     t = time.perf_counter()
     root = build_tiny_assets(args.out, args.seed, args.force, args.quick, args.variant)
     report = json.loads((root / REPORT).read_text())

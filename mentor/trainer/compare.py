@@ -105,7 +105,28 @@ METHODS: dict[str, Method] = {
         "(validation un-hinted); prompts up to 128 tokens so the 50% hint fits (the tiny default is 64).",
         lambda b: {"algorithm.adv_estimator": "grpo", "algorithm.questa.enable": True, "worker.rollout.n": b.total,
                    "data.max_prompt_length": 128}),
+    # tool-use MENTOR (arXiv 2510.18383; --config-name tiny_tool): the reward, then the reward plus expert guidance
+    "tool_sparse": Method(
+        "Tool use, sparse reward (1 right, 0.1 boxed but wrong, 0 without eos): GRPO, n = MENTOR's total.",
+        lambda b: {"algorithm.adv_estimator": "grpo", "worker.rollout.n": b.total,
+                   "worker.reward.reward_function": "tool_sparse"}),
+    "tool_mentor": Method(
+        "Tool use, the teacher-optimized MENTOR reward (0.7 C + 0.3 M + 0.1 H if right, else 0.06 M + 0.1 H): GRPO, "
+        "n = MENTOR's total.",
+        lambda b: {"algorithm.adv_estimator": "grpo", "worker.rollout.n": b.total,
+                   "worker.reward.reward_function": "tool_mentor"}),
+    "tool_mentor_guided": Method(
+        "Tool use, MENTOR reward + expert guidance: mixed_grpo, n_on on-policy + n_mix mixed multi-turn rollouts "
+        "(refill after alpha = 0).",
+        lambda b: {"algorithm.adv_estimator": "mixed_grpo", "worker.rollout.n": b.n_on,
+                   "algorithm.mentor.n_mix": b.n_mix, "algorithm.mentor.after_alpha_zero": "refill",
+                   "worker.reward.reward_function": "tool_mentor"}),
 }
+
+TOOL_CURVES = {"tool_match": "val/tool_match", "invented": "val/no_hallucination",
+               "turns": "val/tool/turns_per_response"}
+"""Tool-use figures of a run, per evaluation: tool match M, invented-tool rate (1 - ``val/no_hallucination``),
+assistant turns per response."""
 
 
 class CompareError(ValueError):
@@ -301,7 +322,19 @@ def summarize_run(rows: list[dict[str, Any]], config: dict[str, Any]) -> dict[st
         "rollouts": [rollouts_per_prompt(config, r.get("mentor/alpha", 0.0)) for r in train],
         "curve": [[r["step"], r["val/accuracy"]] for r in evals],
         "diagnostics": diagnostics,
+        **_tool_figures(evals),
     }
+
+
+def _tool_figures(evals: list[dict[str, Any]]) -> dict[str, Any]:
+    """``tool_curves`` ({name: [[step, value]]} for TOOL_CURVES) and ``final_<name>`` of a tool-use run; {} else."""
+    if not any(TOOL_CURVES["tool_match"] in r for r in evals):
+        return {}
+    curves = {}
+    for name, key in TOOL_CURVES.items():
+        pts = [[r["step"], r[key]] for r in evals if key in r]
+        curves[name] = [[st, 1.0 - v] for st, v in pts] if name == "invented" else pts
+    return {"tool_curves": curves, **{f"final_{n}": (c[-1][1] if c else None) for n, c in curves.items()}}
 
 
 def mean_std(xs: list[float | None]) -> tuple[float | None, float | None]:
@@ -331,10 +364,19 @@ def aggregate(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
     out["rollouts"] = ({"first": runs[0]["rollouts"][0], "last": runs[0]["rollouts"][-1],
                         "mean": sum(rollouts) / len(rollouts), "min": min(rollouts), "max": max(rollouts)}
                        if rollouts else None)
-    curves = [dict((s, v) for s, v in r["curve"]) for r in runs]
-    common = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
-    out["curve"] = [[s, *mean_std([c[s] for c in curves])] for s in common]
+    out["curve"] = _mean_curve([r["curve"] for r in runs])
+    if all("tool_curves" in r for r in runs):
+        for name in TOOL_CURVES:
+            out[f"final_{name}"] = dict(zip(("mean", "std"), mean_std([r[f"final_{name}"] for r in runs])))
+        out["tool_curves"] = {name: _mean_curve([r["tool_curves"][name] for r in runs]) for name in TOOL_CURVES}
     return out
+
+
+def _mean_curve(runs: list[list[list[float]]]) -> list[list[float | None]]:
+    """[[step, mean, std]] at the steps every run has, from each run's [[step, value]]."""
+    curves = [dict((s, v) for s, v in c) for c in runs]
+    common = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+    return [[s, *mean_std([c[s] for c in curves])] for s in common]
 
 
 def _cell(stat: dict[str, float | None], digits: int = 3) -> str:
@@ -368,11 +410,14 @@ def render_table(agg: dict[str, dict[str, Any]], title: str = "") -> str:
     """Markdown table of mean ± std over seeds, one row per method, and the budget sentence under it."""
     ks = sorted({k for a in agg.values() for k in (a.get("k") or [])})
     pk = f"pass@{ks[0]}" if len(ks) == 1 else "pass@k"
-    head = ["method", "seeds", "rollouts / prompt", "final val", "best val", "mean of evals", pk, "entropy",
-            "s / step"]
+    tools = all("tool_curves" in a for a in agg.values())
+    head = ["method", "seeds", "rollouts / prompt", "final val", "best val", "mean of evals", pk,
+            *(("final tool match", "final invented-tool rate", "final turns / response") if tools else ()),
+            "entropy", "s / step"]
     lines = ([f"{title}", ""] if title else []) + ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m, a in agg.items():
         cells = [m, str(a["n"]), _rollout_cell(a.get("rollouts")), *(_cell(a[k]) for k in TABLE_KEYS[:4]),
+                 *((_cell(a[f"final_{n}"], 3 if n != "turns" else 2) for n in TOOL_CURVES) if tools else ()),
                  _cell(a["entropy"], 4), _cell(a["sec_per_step"], 2)]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", budget_note(agg)[1],
@@ -433,7 +478,40 @@ def write_outputs(out_dir: str, specs: list[RunSpec], header: dict[str, Any]) ->
     with open(os.path.join(out_dir, "table.md"), "w") as f:
         f.write(table + "\n")
     plot_curves(agg, os.path.join(out_dir, "curves.png"), title)
+    if all("tool_curves" in a for a in agg.values()):
+        plot_tool_curves(agg, os.path.join(out_dir, "tool_curves.png"), title)
     return table
+
+
+def plot_tool_curves(agg: dict[str, dict[str, Any]], path: str, title: str = "") -> str:
+    """Four panels vs step, mean line and ± std band per method: val accuracy, tool match M, invented-tool rate
+    1 - H, assistant turns per response."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("curve", None, "val accuracy (with tools)"), ("tool_curves", "tool_match", "tool match M"),
+              ("tool_curves", "invented", "invented-tool rate 1 - H"), ("tool_curves", "turns", "turns / response")]
+    fig, axes = plt.subplots(1, 4, figsize=(15, 3.6))
+    for ax, (field, name, label) in zip(axes, panels):
+        for m, a in agg.items():
+            pts = [(s, mu, sd or 0.0) for s, mu, sd in (a[field] if name is None else a[field][name])
+                   if mu is not None]
+            if not pts:
+                continue
+            xs, mus, sds = zip(*pts)
+            line, = ax.plot(xs, mus, marker="o", markersize=3, label=f"{m} (n={a['n']})")
+            ax.fill_between(xs, [u - d for u, d in zip(mus, sds)], [u + d for u, d in zip(mus, sds)],
+                            color=line.get_color(), alpha=0.18, linewidth=0)
+        ax.set(xlabel="step", title=label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title or "tool use, mean ± std over seeds", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 # ---- CLI ---------------------------------------------------------------------------------------------------------
@@ -475,7 +553,8 @@ def compare(config_name: str, methods: list[str], seeds: list[int], out_dir: str
               "seeds": seeds, "overrides": overrides, "steps": steps,
               "incomplete": [f"{s.method}/seed{s.seed}" for s in failed]}
     table = write_outputs(out_dir, specs, header)
-    print("\n" + table + f"\n\n{out_dir}/results.json, table.md, curves.png\n", flush=True)
+    print("\n" + table + f"\n\n{out_dir}/results.json, table.md, curves.png (tool runs: tool_curves.png)\n",
+          flush=True)
     if failed:
         raise RuntimeError(f"{len(failed)} run(s) did not finish: {header['incomplete']} (their train.log says why); "
                            "rerun the same command to retry only those")
@@ -497,7 +576,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=_int_list, default=[1, 2, 3], help="comma-separated integers")
     parser.add_argument("--out", help="comparison directory (required unless --list-methods)")
     parser.add_argument("--budget", choices=list(BUDGETS), default="equal")
-    parser.add_argument("--variant", default="default", help="tiny task variant: default (the config's) | hard")
+    parser.add_argument("--variant", default="default",
+                        help="tiny task variant: default (the config's) | hard | tool")
     parser.add_argument("--steps", type=int, default=None, help="trainer.max_steps of every run")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1)")
     parser.add_argument("--nice", action="store_true", help="run the trainings at nice 10")

@@ -368,10 +368,12 @@ class RayTrainer:
         if ro.val.greedy:
             greedy = self.generate(prompts, 1, Phase.VAL_GREEDY, self.global_step, temperature=0.0)
             results["greedy"] = self._val_scores(greedy)
-        sampled = self.generate(prompts, ro.val.n, Phase.VAL_SAMPLE, self.global_step,
+        rollout: dict[str, float] = {}
+        sampled = self.generate(prompts, ro.val.n, Phase.VAL_SAMPLE, self.global_step, rollout,
                                 temperature=ro.val.temperature)
         results["sampled"] = self._val_scores(sampled)
-        return validation_metrics(results, prompts, ro.val.n)
+        # multi-turn: turns / calls per response, tool error rates of the sampled responses (val/tool/...)
+        return {**validation_metrics(results, prompts, ro.val.n), **{f"val/{k}": v for k, v in rollout.items()}}
 
     def _val_scores(self, batch: Batch) -> dict[str, np.ndarray]:
         scores, _ = self.reward_pool.score(build_reward_inputs(list(batch["response_text"]), batch, self.eos_ids))

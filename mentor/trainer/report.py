@@ -52,7 +52,24 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, float | None]:
         "train acc mixed (mean)": mean(acc_mix),
         "mentor accept rate (mean)": mean(accept),
         "seconds / step (mean)": mean(sec),
+        **_tool_summary(rows, mean),
     }
+
+
+def _tool_summary(rows: list[dict[str, Any]], mean: Any) -> dict[str, float | None]:
+    """Tool-use runs only (their reward logs ``val/tool_match``): tool match M, invented-tool rate 1 - H, turns per
+    response, at the first and last evaluation; the share of rollout time spent waiting on tools."""
+    _, match = _series(rows, "val/tool_match")
+    if not match:
+        return {}
+    _, h = _series(rows, "val/no_hallucination")
+    _, turns = _series(rows, "val/tool/turns_per_response")
+    _, wait = _series(rows, "tool/wait_share")
+    return {"val tool match (start)": match[0], "val tool match (end)": match[-1],
+            "val invented-tool rate (start)": 1 - h[0] if h else None,
+            "val invented-tool rate (end)": 1 - h[-1] if h else None,
+            "val turns / response (end)": turns[-1] if turns else None,
+            "rollout time waiting on tools (mean)": mean(wait)}
 
 
 def format_table(runs: dict[str, dict[str, float | None]]) -> str:
