@@ -178,3 +178,20 @@ def test_trusted_tool_values_equal_the_sandbox_running_the_row_env(sandbox):
     bad = sandbox.client.execute(env, "evaluate(expression='__import__(\"os\").getcwd()')")
     assert bad.result is None and "only integers" in bad.error
     assert ts.run_tool("evaluate", {"expression": "47 * 38 - 12"}) == 1774
+
+
+def test_tool_variant_config_dir_and_quick_sizes():
+    from mentor.models import tiny
+
+    full, quick = tiny.variant_config("tool"), tiny.variant_config("tool", quick=True)
+    assert (full.task, full.steps, full.policy_steps, full.vocab_size) == ("tool", 400, 150, 384)
+    assert (quick.task, quick.steps, quick.n_train, quick.vocab_size) == ("tool", tiny.QUICK.steps, tiny.QUICK.n_train,
+                                                                          384)  # a smoke build stays seconds long
+    assert tiny.default_dir(seed=0, variant="tool").name == f"{tiny.VERSION}-seed0-tool"
+    report = {"config": {"task": "tool", "pass_k": 8}, "models": {"policy": {
+        "params": 10, "greedy_acc": 0.5, "greedy_tool_match": 0.0, "sample_acc": 0.07, "sample_tool_match": 0.06,
+        "sample_invented": 0.25, "sample_turns": 1.8, "pass@8": 0.38}}}
+    table = tiny.format_table(report).splitlines()
+    assert table[0].split() == ["model", "params", "greedy", "match", "t=1", "acc", "match", "invent", "turns",
+                                "pass@8"]
+    assert table[1].split() == ["policy", "10", "0.500", "0.000", "0.070", "0.060", "0.250", "1.80", "0.380"]

@@ -22,6 +22,12 @@ policy almost never samples a right answer (pass@8 at T=1 ~0.01-0.03: GRPO group
 all-zero, no signal) while the same recipe's expert solves ~99% of them. Its dir is suffixed
 ``-hard`` (``v1-seed0-hard``); configs reach it as ``${tiny:hard_policy}`` etc. (configs/tiny_hard.yaml).
 
+``tool`` is the tool-use task (tool-use MENTOR, arXiv 2510.18383): products of 2-digit numbers plus or minus a third,
+answered with sandboxed ``add``/``subtract``/``multiply`` (or a general ``evaluate`` in half the rows); a rule-based
+teacher writes the transcripts the expert is fine-tuned on (tool turns masked), and the policy learns from a student
+who often uses ``evaluate``, guesses, calls the wrong tool or invents one (``mentor/models/_tiny_tools.py``,
+``mentor/data/tool_synthetic.py``; dir suffix ``-tool``, configs reach it as ``${tiny:tool_policy}`` etc.).
+
 Both model dirs hold the same tokenizer (byte-level BPE, ChatML template, ``_tiny_tokenizer``) and a
 generation_config with eos ``<|im_end|>``. The models were trained on prompts rendered from one user
 turn ``{"role": "user", "content": problem}`` with no system message. The same seed and config give

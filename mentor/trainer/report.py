@@ -58,18 +58,23 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, float | None]:
 
 def _tool_summary(rows: list[dict[str, Any]], mean: Any) -> dict[str, float | None]:
     """Tool-use runs only (their reward logs ``val/tool_match``): tool match M, invented-tool rate 1 - H, turns per
-    response, at the first and last evaluation; the share of rollout time spent waiting on tools."""
+    response, at the first and last evaluation; the share of rollout time and of step time spent waiting on tools
+    (on-policy rollouts; ``timing_s/gen`` also holds any mixed rollouts, whose wait share is logged apart)."""
     _, match = _series(rows, "val/tool_match")
     if not match:
         return {}
     _, h = _series(rows, "val/no_hallucination")
     _, turns = _series(rows, "val/tool/turns_per_response")
     _, wait = _series(rows, "tool/wait_share")
+    # share of the whole step: the on-policy rollouts' wait share times the rollout phase's share of the step
+    step_wait = [r["tool/wait_share"] * r["timing_s/gen"] / r["timing_s/step"] for r in rows
+                 if all(k in r for k in ("tool/wait_share", "timing_s/gen", "timing_s/step")) and r["timing_s/step"] > 0]
     return {"val tool match (start)": match[0], "val tool match (end)": match[-1],
             "val invented-tool rate (start)": 1 - h[0] if h else None,
             "val invented-tool rate (end)": 1 - h[-1] if h else None,
             "val turns / response (end)": turns[-1] if turns else None,
-            "rollout time waiting on tools (mean)": mean(wait)}
+            "rollout time waiting on tools (mean)": mean(wait),
+            "step time waiting on tools (mean)": mean(step_wait)}
 
 
 def format_table(runs: dict[str, dict[str, float | None]]) -> str:
