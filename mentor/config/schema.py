@@ -59,6 +59,11 @@ class DataConfig:
     """Seed of the training-set shuffle."""
     filter_overlong_prompts: bool = True
     """Drop prompts longer than ``max_prompt_length`` (else it is an error)."""
+    tools_file: Optional[str] = None
+    """A YAML/JSON tools file (``func_schemas`` + ``env`` or ``env_file``; mentor/tools/tools_file.py, e.g.
+    ``configs/tools/math_tools.yaml``): train and validation rows without their own ``func_schemas`` get these tools
+    (prompt rendered with ``tools=``, tool loop, reward whitelist); rows with their own keep theirs. None = no default.
+    Checked when the config is validated."""
 
 
 @dataclass

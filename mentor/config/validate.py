@@ -283,6 +283,9 @@ def _resolve_paths(c: MentorRunConfig) -> None:
     c.data.val_files = _data_path(c.data.val_files, "data.val_files")
     if c.data.format_prompt:
         c.data.format_prompt = _local_path(c.data.format_prompt, "data.format_prompt")
+    if c.data.tools_file:
+        c.data.tools_file = _local_path(c.data.tools_file, "data.tools_file")
+        load_default_tools(c)  # schema / env errors now, naming the file and its key
     c.worker.actor.model_path = _model_path(c.worker.actor.model_path, "worker.actor.model_path")
     if c.worker.rollout.expert.model_path:
         c.worker.rollout.expert.model_path = _model_path(c.worker.rollout.expert.model_path,
@@ -297,6 +300,20 @@ def _resolve_paths(c: MentorRunConfig) -> None:
         c.worker.reward.reward_function = f"{_local_path(file, 'worker.reward.reward_function')}:{fn}"
     out = c.trainer.output_dir or os.path.join("outputs", c.trainer.project_name, c.trainer.experiment_name)
     c.trainer.output_dir = os.path.abspath(os.path.expanduser(out))
+
+
+def load_default_tools(c: MentorRunConfig) -> Any:
+    """The :class:`~mentor.tools.calls.ToolSet` of ``data.tools_file`` (None when unset); ConfigError naming the key,
+    the file and the file's key at fault."""
+    from mentor.tools.calls import ToolSetError
+    from mentor.tools.tools_file import load_tools_file
+
+    if not c.data.tools_file:
+        return None
+    try:
+        return load_tools_file(c.data.tools_file)
+    except ToolSetError as err:
+        raise ConfigError(f"config key `data.tools_file`: {err}") from err
 
 
 def _is_tiny(path: str) -> bool:
@@ -322,6 +339,8 @@ def _model_path(path: str, key: str) -> str:
 
 
 def _data_path(spec: str, key: str) -> str:
+    if "," in spec:  # several files / datasets, read one after the other (mentor.data.dataset.read_rows)
+        return ",".join(_data_path(part.strip(), key) for part in spec.split(",") if part.strip())
     full = os.path.abspath(os.path.expanduser(spec))
     if os.path.exists(full) or (spec.endswith(_DATA_SUFFIXES) and _is_tiny(full)):
         return full

@@ -9,7 +9,9 @@ Tool-use rows (arXiv 2510.18383; :mod:`mentor.data.tool_prep` writes them from M
 ``func_schemas`` (OpenAI tool schemas, JSON text or list), ``env`` (the tools' Python source) and
 ``tool_calls_used`` (the teacher's tool names). Their prompt is rendered with ``tools=`` the schemas (the chat
 template lists them, as the official ``qwen3_native`` prompt does), and the three fields travel with the
-prompt (:class:`PromptItem`) to the rollout and the reward.
+prompt (:class:`PromptItem`) to the rollout and the reward. ``default_tools`` (``data.tools_file``, see
+:mod:`mentor.tools.tools_file`) gives rows without ``func_schemas`` that tool set instead; rows with their own keep
+theirs.
 """
 
 from __future__ import annotations
@@ -129,14 +131,19 @@ TOOL_KEYS = ("func_schemas", "env", "tool_calls_used")
 """Row keys of tool-use rows; they leave ``extra`` and become :class:`PromptItem` fields."""
 
 
-def _tool_fields(row: dict[str, Any], where: str) -> tuple[list[dict[str, Any]] | None, str | None, list[str] | None]:
-    """(schemas, env, teacher names) of a tool-use row, or (None, None, None) for a row without ``func_schemas``."""
-    from mentor.tools.calls import ToolSet, ToolSetError, as_tool_name_list
+def _tool_fields(row: dict[str, Any], where: str, default_tools: Any = None
+                 ) -> tuple[list[dict[str, Any]] | None, str | None, list[str] | None]:
+    """(schemas, env, teacher names) of a tool-use row; a row without ``func_schemas`` gets ``default_tools`` (a
+    :class:`~mentor.tools.calls.ToolSet`, its own ``tool_calls_used`` kept), or (None, None, None) without one."""
+    from mentor.tools.calls import ToolSet, as_tool_name_list
 
-    if row.get("func_schemas") is None:
+    if row.get("func_schemas") is None and default_tools is None:
         return None, None, None
     try:
-        tools = ToolSet.from_row(row["func_schemas"], row.get("env"), where=f"{where}: key 'func_schemas'/'env'")
+        if row.get("func_schemas") is None:
+            tools = default_tools
+        else:
+            tools = ToolSet.from_row(row["func_schemas"], row.get("env"), where=f"{where}: key 'func_schemas'/'env'")
         teacher = as_tool_name_list(row.get("tool_calls_used"), where=f"{where}: key 'tool_calls_used'")
     except ValueError as err:  # ToolSetError is a ValueError
         raise DataError(str(err)) from err
@@ -180,14 +187,15 @@ class RLDataset(torch.utils.data.Dataset):
     """Prompts of one split, tokenized and filtered at construction.
 
     ``len(ds)`` counts kept prompts; ``ds.num_filtered`` counts prompts dropped for exceeding
-    ``max_prompt_length`` tokens; ``ds[i]`` is a :class:`PromptItem`.
+    ``max_prompt_length`` tokens; ``ds[i]`` is a :class:`PromptItem`. ``default_tools``: the
+    :class:`~mentor.tools.calls.ToolSet` of rows without ``func_schemas`` (``data.tools_file``); None = they have none.
     """
 
     def __init__(self, data_files: str, tokenizer: Any, prompt_key: str = "problem", answer_key: str = "answer",
                  data_source_key: str = "data_source", format_prompt: str | None = None,
                  system_prompt: str | None = None, max_prompt_length: int = 512,
                  filter_overlong_prompts: bool = True, max_samples: int = -1, solution_key: str | None = None,
-                 require_solution: bool = False) -> None:
+                 require_solution: bool = False, default_tools: Any = None) -> None:
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt
         self.template = _load_template(format_prompt) if format_prompt else None
@@ -198,7 +206,7 @@ class RLDataset(torch.utils.data.Dataset):
             question = _text_field(row, prompt_key, where, allow_numbers=False)
             answer = _text_field(row, answer_key, where, allow_numbers=True)
             solution = _solution_field(row, solution_key, where, require_solution) if solution_key else None
-            schemas, env, teacher = _tool_fields(row, where)
+            schemas, env, teacher = _tool_fields(row, where, default_tools)
             text, ids = self.encode(question, tools=schemas)
             if len(ids) > max_prompt_length:
                 if not filter_overlong_prompts:
