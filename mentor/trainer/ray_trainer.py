@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from mentor.config.schema import MentorRunConfig
-from mentor.config.validate import to_yaml
+from mentor.config.validate import load_default_tools, to_yaml
 from mentor.data.dataset import ResumableSampler, RLDataset
 from mentor.data.questa import hinted_items
 from mentor.models.loader import load_tokenizer
@@ -62,9 +62,7 @@ class RayTrainer:
         self.tokenizer = load_tokenizer(c.worker.actor.model_path)
         self.eos_ids = generation_eos_ids(self.tokenizer, c.worker.actor.model_path)  # rewards: ended_with_eos
         d = c.data
-        kw = dict(prompt_key=d.prompt_key, answer_key=d.answer_key, data_source_key=d.data_source_key,
-                  format_prompt=d.format_prompt, system_prompt=d.system_prompt, max_prompt_length=d.max_prompt_length,
-                  filter_overlong_prompts=d.filter_overlong_prompts)
+        kw = dataset_kwargs(c)
         a = c.algorithm
         self.luffy = c.derived.estimator is Estimator.LUFFY
         self.questa = a.questa.enable
@@ -75,9 +73,7 @@ class RayTrainer:
         steps = self.sampler.batches_per_epoch * c.trainer.total_epochs
         self.total_steps = min(steps, c.trainer.max_steps) if c.trainer.max_steps else steps
         self.questa_switch = a.questa.switch_step or max(self.total_steps // 2, 1)
-        rw = c.worker.reward
-        self.reward_pool = RewardPool(rw.reward_function, num_workers=rw.num_workers, timeout_s=rw.timeout_s,
-                                      **rw.reward_kwargs)
+        self.reward_pool = make_reward_pool(c)
         self.mentor = c.derived.mixed
         self.reward_range = c.derived.reward_range  # R_range of Eq. 11, set by config.validate
         self.gamma: float | None = None  # gamma_p measured on the most recent batch the actor scored
@@ -361,25 +357,49 @@ class RayTrainer:
 
     def validate(self) -> dict[str, float]:
         """Greedy pass@1, and avg@k / unbiased pass@k at ``worker.rollout.val.temperature``, per data source."""
+        results, prompts, rollout = self.validation_results()
+        # multi-turn: turns / calls per response, tool error rates of the sampled responses (val/tool/...)
+        return {**validation_metrics(results, prompts, self.config.worker.rollout.val.n),
+                **{f"val/{k}": v for k, v in rollout["sampled"].items()}}
+
+    def validation_results(self) -> tuple[dict[str, dict[str, np.ndarray]], Batch, dict[str, dict[str, float]]]:
+        """The validation passes over ``val_set``: (scores, prompts, rollout metrics).
+
+        scores: ``{"greedy": {sub-score: [P]}}`` (when ``worker.rollout.val.greedy``) and ``{"sampled": {sub-score:
+        [P x n]}}`` (n = ``worker.rollout.val.n``, each prompt's n rows adjacent); prompts: the P prompts' batch;
+        rollout metrics: each pass's engine metrics (the tool loop's ``tool/turns_per_response`` ...)."""
         ro = self.config.worker.rollout
         prompts = _prompt_batch(self.val_set.items)
         self.wg.sync_rollout_weights()
         results: dict[str, Any] = {}
+        rollout: dict[str, dict[str, float]] = {"greedy": {}, "sampled": {}}
         if ro.val.greedy:
-            greedy = self.generate(prompts, 1, Phase.VAL_GREEDY, self.global_step, temperature=0.0)
+            greedy = self.generate(prompts, 1, Phase.VAL_GREEDY, self.global_step, rollout["greedy"], temperature=0.0)
             results["greedy"] = self._val_scores(greedy)
-        rollout: dict[str, float] = {}
-        sampled = self.generate(prompts, ro.val.n, Phase.VAL_SAMPLE, self.global_step, rollout,
+        sampled = self.generate(prompts, ro.val.n, Phase.VAL_SAMPLE, self.global_step, rollout["sampled"],
                                 temperature=ro.val.temperature)
         results["sampled"] = self._val_scores(sampled)
-        # multi-turn: turns / calls per response, tool error rates of the sampled responses (val/tool/...)
-        return {**validation_metrics(results, prompts, ro.val.n), **{f"val/{k}": v for k, v in rollout.items()}}
+        return results, prompts, rollout
 
     def _val_scores(self, batch: Batch) -> dict[str, np.ndarray]:
         scores, _ = self.reward_pool.score(build_reward_inputs(list(batch["response_text"]), batch, self.eos_ids))
         out = {key: np.array([s.get(key, 0.0) for s in scores], dtype=float) for key in _score_keys(scores)}
         out["length"] = batch["response_mask"].sum(-1).numpy().astype(float)
         return out
+
+
+def dataset_kwargs(c: MentorRunConfig) -> dict[str, Any]:
+    """RLDataset arguments shared by the training and validation sets (``data.*``, the ``data.tools_file`` tools)."""
+    d = c.data
+    return dict(prompt_key=d.prompt_key, answer_key=d.answer_key, data_source_key=d.data_source_key,
+                format_prompt=d.format_prompt, system_prompt=d.system_prompt, max_prompt_length=d.max_prompt_length,
+                filter_overlong_prompts=d.filter_overlong_prompts, default_tools=load_default_tools(c))
+
+
+def make_reward_pool(c: MentorRunConfig) -> RewardPool:
+    """The reward pool of ``worker.reward``."""
+    rw = c.worker.reward
+    return RewardPool(rw.reward_function, num_workers=rw.num_workers, timeout_s=rw.timeout_s, **rw.reward_kwargs)
 
 
 class TrainingAborted(RuntimeError):
