@@ -239,3 +239,92 @@ def test_plan_batch_arithmetic_of_the_tiny_config(tiny_assets):
     assert plan["schedule"]["training steps"] == "30 (1 epochs, max_steps 30)"
     assert "mixed rollouts on steps 1..20" in plan["schedule"]["alpha"]
     assert "[memory / GPU]" in format_plan(plan) and plan["memory"] is None  # CPU run: no GPU memory to plan
+
+
+# ---- train_tool.sh --dry-run and configs/mentor_tool.yaml (tool-use MENTOR, arXiv 2510.18383) ------------------
+
+@pytest.fixture(scope="module")
+def tool_data_dir(tmp_path_factory) -> Path:
+    """A small MENTOR-data dir as mentor.data.tool_prep writes it (40 train rows, 8 test rows with tools)."""
+    from mentor.data.tool_prep import tool_rows
+
+    schemas = json.dumps([{"type": "function", "function": {"name": "add", "parameters": {
+        "type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}, "required": ["a", "b"]}}}])
+    raw = [{"question": f"What is {i} + {i}?", "data_source": "math", "tool_calls_used": ["add"],
+            "reward_model": {"style": "rule", "ground_truth": str(2 * i)},
+            "extra_info": {"func_schemas": schemas, "env": "def add(a, b):\n    return a + b\n", "index": i}}
+           for i in range(48)]
+    rows, stats = tool_rows([(f"raw: row {i}", r) for i, r in enumerate(raw)])
+    assert stats["kept"] == 48
+    out = tmp_path_factory.mktemp("tool_data")
+    P.write_rows(rows[:40], str(out / "train.parquet"))
+    P.write_rows(rows[40:], str(out / "test.parquet"))
+    return out
+
+
+def _train_tool_sh(data_dir: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "DATA_DIR": str(data_dir), "PYTHON": sys.executable, **env}
+    for key in ("SWANLAB_API_KEY", "SANDBOX_URL", "TOOLS_FILE", "POLICY_PATH"):
+        full_env.pop(key, None)
+    full_env.update(env)
+    return subprocess.run(["bash", str(REPO / "examples" / "train_tool.sh"), *args], env=full_env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_train_tool_sh_dry_run_prints_the_official_tool_config_and_plan(tool_data_dir):
+    proc = _train_tool_sh(tool_data_dir, "--dry-run")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cfg = _printed_config(proc.stdout)
+    d, alg, act, ro = cfg["data"], cfg["algorithm"], cfg["worker"]["actor"], cfg["worker"]["rollout"]
+    assert (d["train_files"], d["val_files"]) == (str(tool_data_dir / "train.parquet"), str(tool_data_dir / "test.parquet"))
+    assert (d["rollout_batch_size"], d["max_prompt_length"], d["max_response_length"]) == (32, 1536, 8192)
+    assert d["format_prompt"] == str(REPO / "examples" / "format_prompt" / "mentor_tool.jinja")
+    assert (d["system_prompt"], d["tools_file"]) == (None, None)
+    assert (act["model_path"], alg["adv_estimator"]) == ("Qwen/Qwen2.5-7B-Instruct", "grpo")
+    assert (act["optim"]["lr"], act["clip_ratio_low"], act["clip_ratio_high"], act["loss_agg_mode"]) == (
+        1e-6, 0.2, 0.2, "token-mean")
+    assert (act["use_kl_loss"], act["kl_loss_coef"], act["kl_loss_type"], act["entropy_coef"]) == (
+        True, 0.001, "low_var_kl", 0.001)
+    # official PPO_MINI_BATCH_SIZE = 8 counts prompts (verl multiplies it by rollout.n), as global_batch_size does
+    assert (act["global_batch_size"], act["max_token_len_per_device"]) == (8, 2 * (1536 + 8192))
+    assert (ro["name"], ro["n"], ro["temperature"], ro["top_k"], ro["top_p"]) == ("vllm", 10, 0.6, 20, 0.95)
+    assert (ro["val"]["n"], ro["val"]["temperature"], ro["val"]["top_p"], ro["val"]["greedy"]) == (1, 0.7, 0.9, False)
+    assert (ro["vllm"]["tensor_parallel_size"], ro["vllm"]["gpu_memory_utilization"]) == (1, 0.8)
+    mt = ro["multi_turn"]
+    assert (mt["enable"], mt["max_turns"], mt["sandbox_url"]) == (True, 5, None)
+    assert cfg["worker"]["reward"] == {**cfg["worker"]["reward"], "reward_function": "tool_mentor", "reward_kwargs": {}}
+    t = cfg["trainer"]
+    assert (t["total_epochs"], t["val_freq"], t["save_freq"], t["nnodes"], t["n_gpus_per_node"]) == (2, 10, 10, 1, 8)
+    assert cfg["derived"]["reward_range"] == 1.1 and cfg["derived"]["use_reference"] is True
+    plan = proc.stdout.split("\n# plan\n", 1)[1]
+    # 32 prompts x 10 = 320 responses over 8 ranks; 32 / 8 = 4 mini-batches of 8 x 10 = 80 responses
+    assert "320 (40 per rank)" in plan
+    assert "4 (4 mini-batches of 8 prompts = 80 responses, 10 per rank" in plan
+    assert "training steps  2 (2 epochs)" in plan  # 40 rows // 32 = 1 step per epoch
+    assert "7.62B params (configs/model_configs/Qwen2.5-7B-Instruct)" in plan
+    assert "[memory plan / GPU]" in plan and "reference" in plan and "DOES NOT FIT" not in plan
+    assert "dry run: config valid, nothing started" in proc.stdout
+
+
+def test_train_tool_sh_env_and_mentor_guidance_overrides(tool_data_dir):
+    tools = REPO / "configs" / "tools" / "math_tools.yaml"
+    proc = _train_tool_sh(tool_data_dir, "--dry-run", "algorithm.adv_estimator=mixed_grpo",
+                          "worker.rollout.expert.model_path=Qwen/Qwen2.5-7B", NNODES="2",
+                          POLICY_PATH="Qwen/Qwen2.5-3B", SANDBOX_URL="http://10.0.0.5:2623", TOOLS_FILE=str(tools))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cfg = _printed_config(proc.stdout)
+    assert cfg["worker"]["actor"]["model_path"] == "Qwen/Qwen2.5-3B"
+    assert cfg["worker"]["rollout"]["multi_turn"]["sandbox_url"] == "http://10.0.0.5:2623"
+    assert cfg["data"]["tools_file"] == str(tools) and cfg["trainer"]["nnodes"] == 2
+    assert (cfg["algorithm"]["adv_estimator"], cfg["worker"]["rollout"]["expert"]["model_path"]) == (
+        "mixed_grpo", "Qwen/Qwen2.5-7B")
+    # 32 prompts x (10 + 4 mixed) = 448 over 16 ranks; 320 once alpha = 0
+    assert "448 (28 per rank); 320 once alpha = 0" in proc.stdout
+
+
+def test_train_tool_sh_without_prepared_data_names_the_missing_file(tmp_path):
+    proc = _train_tool_sh(tmp_path / "nowhere", "--dry-run")
+    assert proc.returncode == 2
+    assert "data.train_files" in proc.stderr and "does not exist" in proc.stderr
+    proc = _train_tool_sh(tmp_path / "nowhere")  # a real run stops before Python, with the data-prep command
+    assert proc.returncode == 2 and "python -m mentor.data.tool_prep --input" in proc.stderr
