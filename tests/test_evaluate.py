@@ -54,6 +54,9 @@ def test_report_splits_by_file_across_sources():
     f1, f2 = report["by_file"]["/d/f1.jsonl"], report["by_file"]["/d/f2.parquet"]
     assert (f1["prompts"], f1["accuracy"], f2["prompts"], f2["accuracy"]) == (3, pytest.approx(2 / 3), 1, 1.0)
     assert report["rollout"] == {}  # passes without tool-loop metrics are left out
+    # a requested file whose prompts were all filtered out is listed, not dropped
+    report = E.build_report(results, prompts, 2, {}, _Set(), ["/d/f1.jsonl", "/d/f2.parquet", "/d/long.jsonl"])
+    assert report["by_file"]["/d/long.jsonl"] == {"prompts": 0}
     table = E.format_report(report, 2)
     assert "file f1.jsonl" in table and "source a" in table and "hallucination_rate" in table
 
@@ -119,3 +122,28 @@ def test_tiny_policy_evaluation_reports_each_benchmark(tiny_assets, tmp_path, mo
     # rows without tools stay single-turn in the loop: one assistant turn each
     assert report["rollout"]["greedy"]["tool/turns_per_response"] == 1.0
     assert report["sampling"] == {"n": 2, "temperature": 1.0, "top_p": 1.0, "greedy": True, "max_response_length": 96}
+
+
+@pytest.mark.slow
+def test_tiny_tool_policy_evaluation_reports_tool_metrics(tmp_path, monkeypatch):
+    """The tiny tool policy calls tools: turns per response > 1, tool match and hallucination per benchmark; rows
+    without tools get configs/tools/math_tools.yaml (data.tools_file)."""
+    from mentor.models.tiny import build_tiny_assets, default_dir, tiny_paths
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    paths = tiny_paths(build_tiny_assets(default_dir(seed=0, variant="tool"), seed=0, variant="tool"))
+    rows = [json.loads(line) for line in Path(paths["val"]).read_text().splitlines()[:8]]
+    own, plain = tmp_path / "own.jsonl", tmp_path / "plain.jsonl"
+    own.write_text("".join(json.dumps({**r, "data_source": "own_tools"}) + "\n" for r in rows[:4]))
+    plain.write_text("".join(json.dumps({"problem": r["problem"], "answer": r["answer"], "data_source": "file_tools",
+                                         "tool_calls_used": r["tool_calls_used"]}) + "\n" for r in rows[4:]))
+    tools = Path(__file__).resolve().parents[1] / "configs" / "tools" / "math_tools.yaml"
+    report = E.run_evaluation("tiny_tool", [str(own), str(plain)],
+                              ["trainer.use_ray=false", "worker.rollout.val.n=2", "data.max_prompt_length=256",
+                               f"data.tools_file={tools}", f"trainer.output_dir={tmp_path}"])
+    assert [m["prompts"] for m in report["by_data_source"].values()] == [4, 4]
+    for m in (*report["by_data_source"].values(), report["all"]):
+        assert {"tool_match", "hallucination_rate", "tool_calls"} <= set(m)
+        assert m["hallucination_rate"] == pytest.approx(1.0 - m["no_hallucination"])
+    assert report["rollout"]["greedy"]["tool/turns_per_response"] > 1.0  # the policy called tools
+    assert report["by_data_source"]["own_tools"]["tool_calls"] > 0

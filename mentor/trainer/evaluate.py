@@ -77,7 +77,8 @@ class Evaluator(RayTrainer):
         finally:
             self.reward_pool.close()
             self.stop_sandbox()
-        return build_report(results, prompts, self.config.worker.rollout.val.n, rollout, self.val_set)
+        return build_report(results, prompts, self.config.worker.rollout.val.n, rollout, self.val_set,
+                            [f.strip() for f in self.config.data.val_files.split(",") if f.strip()])
 
 
 def group_metrics(results: dict[str, dict[str, np.ndarray]], rows: np.ndarray, n: int) -> dict[str, float]:
@@ -94,15 +95,24 @@ def group_metrics(results: dict[str, dict[str, np.ndarray]], rows: np.ndarray, n
 
 
 def build_report(results: dict[str, dict[str, np.ndarray]], prompts: Batch, n: int,
-                 rollout: dict[str, dict[str, float]], val_set: RLDataset) -> dict[str, Any]:
-    """Metrics of all prompts, of each data source and of each file (the file part of each prompt's uid)."""
+                 rollout: dict[str, dict[str, float]], val_set: RLDataset,
+                 requested: list[str] | None = None) -> dict[str, Any]:
+    """Metrics of all prompts, of each data source and of each file (the file part of each prompt's uid). A
+    ``requested`` file none of whose prompts was kept (all longer than ``data.max_prompt_length``) is listed with
+    ``prompts: 0``."""
     sources = np.asarray(prompts["data_source"])
     files = np.asarray([uid.rpartition(":")[0] for uid in prompts["uid"]])
     everything = np.ones(len(sources), dtype=bool)
+    by_file = {f: group_metrics(results, files == f, n) for f in dict.fromkeys(files.tolist())}
+    for f in requested or []:
+        if f not in by_file:
+            logger.warning("%s: no prompt kept (%d prompts of all files were longer than data.max_prompt_length)",
+                           f, val_set.num_filtered)
+            by_file[f] = {"prompts": 0}
     return {
         "all": group_metrics(results, everything, n),
         "by_data_source": {s: group_metrics(results, sources == s, n) for s in dict.fromkeys(sources.tolist())},
-        "by_file": {f: group_metrics(results, files == f, n) for f in dict.fromkeys(files.tolist())},
+        "by_file": by_file,
         "rollout": {name: m for name, m in rollout.items() if m},
         "filtered_overlong_prompts": val_set.num_filtered,
     }
