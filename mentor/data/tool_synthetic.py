@@ -2,9 +2,9 @@
 head but can do with tools.
 
 A problem multiplies two 2-digit numbers and may add or subtract a third ("What is 47 * 38 + 12?"). Every row
-offers the tools ``add``, ``subtract``, ``multiply`` and, in about half the rows, a general ``evaluate(expression)``
-(:data:`TOOL_ENV`, :data:`TOOL_SCHEMAS`). The rule-based **teacher** always uses the specific tools, one call per
-turn, and then boxes the last result::
+offers the tools ``add``, ``subtract``, ``multiply`` and (with probability :data:`EVALUATE_RATE`, by default always) a
+general ``evaluate(expression)`` (:data:`TOOL_ENV`, :data:`TOOL_SCHEMAS`). The rule-based **teacher** always uses
+the specific tools, one call per turn, and then boxes the last result::
 
     <tool_call>{"name": "multiply", "arguments": {"a": 47, "b": 38}}</tool_call><|im_end|>      (model turn)
     <|im_start|>user <tool_response>...result: 1786...</tool_response><|im_end|> <|im_start|>assistant  (tool turn)
@@ -45,6 +45,11 @@ KINDS = ("mul", "mul_add", "mul_sub")
 STUDENT_MIX = {"teacher": 0.10, "evaluate": 0.30, "guess": 0.15, "wrong_tool": 0.20, "invent": 0.25}
 """How often the weak student takes each way (the policy's fine-tuning data)."""
 INVENTED_TOOL = "calculator"
+EVALUATE_RATE = 1.0
+"""Share of rows that offer ``evaluate``. At 1.0 a right answer never needs the teacher's tools, so only a reward
+that looks at the tools (MENTOR's M) can prefer them. At 0.5 (tried first) the rows without ``evaluate`` can only be
+solved the teacher's way, and the sparse reward learned the teacher's tools as fast as the MENTOR reward (M 0 -> 1
+by step 10 for both, 3 seeds each): the task then could not tell the rewards apart."""
 
 TOOL_ENV = '''\
 import ast
@@ -145,7 +150,7 @@ def make_row(kind: str, a: int, b: int, c: int, with_evaluate: bool) -> dict[str
 
 def _draw(rng: random.Random) -> tuple[str, int, int, int, bool]:
     return (rng.choice(KINDS), rng.randrange(10, 100), rng.randrange(10, 100), rng.randrange(10, 100),
-            rng.random() < 0.5)
+            rng.random() < EVALUATE_RATE)
 
 
 def _draw_rows(rng: random.Random, n: int, seen: set[str]) -> list[dict[str, Any]]:
