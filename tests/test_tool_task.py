@@ -184,7 +184,7 @@ def test_tool_variant_config_dir_and_quick_sizes():
     from mentor.models import tiny
 
     full, quick = tiny.variant_config("tool"), tiny.variant_config("tool", quick=True)
-    assert (full.task, full.steps, full.policy_steps, full.vocab_size) == ("tool", 400, 150, 384)
+    assert (full.task, full.steps, full.policy_steps, full.vocab_size) == ("tool", 700, 150, 384)
     assert (quick.task, quick.steps, quick.n_train, quick.vocab_size) == ("tool", tiny.QUICK.steps, tiny.QUICK.n_train,
                                                                           384)  # a smoke build stays seconds long
     assert tiny.default_dir(seed=0, variant="tool").name == f"{tiny.VERSION}-seed0-tool"

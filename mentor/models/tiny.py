@@ -110,7 +110,7 @@ QUICK = TinyBuildConfig(
 VARIANTS: dict[str, dict] = {
     "default": {},
     "hard": {"forget_carry": 0.97, "min_carries": 2},
-    "tool": {"task": "tool", "n_train": 2048, "vocab_size": 384, "steps": 400, "policy_steps": 150},
+    "tool": {"task": "tool", "n_train": 2048, "vocab_size": 384, "steps": 700, "policy_steps": 150},
 }
 """Fields each variant changes in TinyBuildConfig (or QUICK). ``hard``: carry chains of >= 2 the student
 skips 97% of the time at each carry, so it solves ~0.03^2 of them per sample. ``tool``: the tool-use task
