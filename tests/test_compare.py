@@ -280,6 +280,12 @@ def test_tool_runs_get_tool_match_invented_rate_and_turns_in_table_and_plot(tmp_
     s = cmp.summarize_run(_tool_rows(0.8), _cfg("grpo", n=8))
     assert s["tool_curves"]["invented"] == [[0, pytest.approx(0.3)], [2, pytest.approx(0.1)], [4, 0.0]]  # 1 - H
     assert (s["final_tool_match"], s["final_invented"], s["final_turns"]) == (0.8, 0.0, 2.6)
+    assert s["train_tool_curves"]["tool_match"] == []  # no reward/tool_match logged on training steps here
+    rows = _tool_rows(0.8)
+    rows[1].update({"reward/tool_match": 0.5, "reward/tool_match_on": 0.25, "reward/no_hallucination": 0.9})
+    rows[3].update({"reward/tool_match": 0.7})  # a run logged before the _on keys: all rows
+    train = cmp.summarize_run(rows, _cfg("grpo", n=8))["train_tool_curves"]
+    assert train["tool_match"] == [[1, 0.25], [3, 0.7]] and train["invented"] == [[1, pytest.approx(0.1)]]
     agg = {"tool_mentor": cmp.aggregate({1: s, 2: cmp.summarize_run(_tool_rows(0.6), _cfg("grpo", n=8))})}
     assert agg["tool_mentor"]["final_tool_match"]["mean"] == pytest.approx(0.7)
     assert agg["tool_mentor"]["tool_curves"]["tool_match"][0] == [0, pytest.approx(0.2), pytest.approx(0.0)]

@@ -166,6 +166,20 @@ def test_step_metrics_count_entropy_on_sampled_tokens_and_length_on_all():
     assert m["critic/advantages_mean"] == pytest.approx(0.0)  # (1 + 1 - 1 - 1) / 4
     assert m["response_length/mean"] == 3.0 and m["response_length/max"] == 4.0  # (4 + 2) / 2, tool tokens in
     assert m["response_length/clip_ratio"] == 0.5
+    assert "reward/tool_match_on" not in m  # all rows on-policy: the plain key says it
+
+
+def test_step_metrics_give_reward_sub_scores_of_the_on_policy_rows_of_a_guided_step():
+    from mentor.trainer.metrics import rollout_metrics
+
+    ones = torch.ones(4, 2, dtype=torch.long)
+    batch = Batch(tensors={"responses": ones, "response_mask": ones, "entropies": torch.zeros(4, 2),
+                           "advantages": torch.zeros(4, 2), "is_mixed": torch.tensor([False, False, True, True]),
+                           "reward_tool_match": torch.tensor([1.0, 0.0, 1.0, 1.0]),
+                           **{f"reward_{k}": torch.zeros(4) for k in ("overall", "accuracy", "format")}},
+                  non_tensors={"response_text": [""] * 4})
+    m = rollout_metrics(batch, reasoning_words=[])
+    assert (m["reward/tool_match"], m["reward/tool_match_on"]) == (0.75, 0.5)  # all rows / the 2 on-policy rows
 
 
 # ----------------------------------------------------------------------------- the tool loop

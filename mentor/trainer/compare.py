@@ -125,6 +125,12 @@ METHODS: dict[str, Method] = {
 
 TOOL_CURVES = {"tool_match": "val/tool_match", "invented": "val/no_hallucination",
                "turns": "val/tool/turns_per_response"}
+TRAIN_TOOL_CURVES = {"accuracy": ("reward/accuracy_on", "reward/accuracy"),
+                     "tool_match": ("reward/tool_match_on", "reward/tool_match"),
+                     "invented": ("reward/no_hallucination_on", "reward/no_hallucination"),
+                     "turns": ("tool/turns_per_response",)}
+"""The same figures on each training step's on-policy rollouts (the first key a row has: ``_on`` = on-policy rows of
+a guided run; runs logged before those keys existed fall back to all rows)."""
 """Tool-use figures of a run, per evaluation: tool match M, invented-tool rate (1 - ``val/no_hallucination``),
 assistant turns per response."""
 
@@ -322,19 +328,25 @@ def summarize_run(rows: list[dict[str, Any]], config: dict[str, Any]) -> dict[st
         "rollouts": [rollouts_per_prompt(config, r.get("mentor/alpha", 0.0)) for r in train],
         "curve": [[r["step"], r["val/accuracy"]] for r in evals],
         "diagnostics": diagnostics,
-        **_tool_figures(evals),
+        **_tool_figures(evals, train),
     }
 
 
-def _tool_figures(evals: list[dict[str, Any]]) -> dict[str, Any]:
-    """``tool_curves`` ({name: [[step, value]]} for TOOL_CURVES) and ``final_<name>`` of a tool-use run; {} else."""
+def _tool_figures(evals: list[dict[str, Any]], train_rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """``tool_curves`` ({name: [[step, value]]} for TOOL_CURVES), ``train_tool_curves`` (TRAIN_TOOL_CURVES) and
+    ``final_<name>`` of a tool-use run; {} else."""
     if not any(TOOL_CURVES["tool_match"] in r for r in evals):
         return {}
     curves = {}
     for name, key in TOOL_CURVES.items():
         pts = [[r["step"], r[key]] for r in evals if key in r]
         curves[name] = [[st, 1.0 - v] for st, v in pts] if name == "invented" else pts
-    return {"tool_curves": curves, **{f"final_{n}": (c[-1][1] if c else None) for n, c in curves.items()}}
+    train = {}
+    for name, keys in TRAIN_TOOL_CURVES.items():
+        pts = [[r["step"], next(r[k] for k in keys if k in r)] for r in train_rows if any(k in r for k in keys)]
+        train[name] = [[st, 1.0 - v] for st, v in pts] if name == "invented" else pts
+    return {"tool_curves": curves, "train_tool_curves": train,
+            **{f"final_{n}": (c[-1][1] if c else None) for n, c in curves.items()}}
 
 
 def mean_std(xs: list[float | None]) -> tuple[float | None, float | None]:
@@ -369,6 +381,8 @@ def aggregate(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
         for name in TOOL_CURVES:
             out[f"final_{name}"] = dict(zip(("mean", "std"), mean_std([r[f"final_{name}"] for r in runs])))
         out["tool_curves"] = {name: _mean_curve([r["tool_curves"][name] for r in runs]) for name in TOOL_CURVES}
+        out["train_tool_curves"] = {name: _mean_curve([r["train_tool_curves"][name] for r in runs])
+                                    for name in TRAIN_TOOL_CURVES}
     return out
 
 
@@ -484,17 +498,22 @@ def write_outputs(out_dir: str, specs: list[RunSpec], header: dict[str, Any]) ->
 
 
 def plot_tool_curves(agg: dict[str, dict[str, Any]], path: str, title: str = "") -> str:
-    """Four panels vs step, mean line and ± std band per method: val accuracy, tool match M, invented-tool rate
-    1 - H, assistant turns per response."""
+    """Panels vs step, mean line and ± std band per method: val accuracy, tool match M, invented-tool rate 1 - H,
+    assistant turns per response; below, the same on each training step's on-policy rollouts."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("curve", None, "val accuracy (with tools)"), ("tool_curves", "tool_match", "tool match M"),
-              ("tool_curves", "invented", "invented-tool rate 1 - H"), ("tool_curves", "turns", "turns / response")]
-    fig, axes = plt.subplots(1, 4, figsize=(15, 3.6))
-    for ax, (field, name, label) in zip(axes, panels):
+    panels = [("curve", None, "val accuracy (with tools)"), ("tool_curves", "tool_match", "val tool match M"),
+              ("tool_curves", "invented", "val invented-tool rate 1 - H"),
+              ("tool_curves", "turns", "val turns / response"),
+              ("train_tool_curves", "accuracy", "train accuracy (on-policy rollouts)"),
+              ("train_tool_curves", "tool_match", "train tool match M"),
+              ("train_tool_curves", "invented", "train invented-tool rate 1 - H"),
+              ("train_tool_curves", "turns", "train turns / response")]
+    fig, axes = plt.subplots(2, 4, figsize=(15, 6.8))
+    for ax, (field, name, label) in zip(axes.flat, panels):
         for m, a in agg.items():
             pts = [(s, mu, sd or 0.0) for s, mu, sd in (a[field] if name is None else a[field][name])
                    if mu is not None]
@@ -506,8 +525,9 @@ def plot_tool_curves(agg: dict[str, dict[str, Any]], path: str, title: str = "")
                             color=line.get_color(), alpha=0.18, linewidth=0)
         ax.set(xlabel="step", title=label)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.suptitle(title or "tool use, mean ± std over seeds", fontsize=9)
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle((title or "tool use") + ": mean ± std over seeds; val at the validation settings, train on each "
+                 "step's on-policy rollouts", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -67,9 +67,12 @@ def rollout_metrics(batch: Batch, reasoning_words: list[str]) -> dict[str, float
             m[f"reward/overall_{name}"] = float(batch["reward_overall"][rows].mean())
             m[f"response_length/mean_{name}"] = float(lengths[rows].mean())
             m[f"actor/entropy_{name}"] = float(masked_mean(batch["entropies"][rows], mask[rows]))
+    on_policy = ~mixed & ~expert
     for key in [k for k in batch.tensor_keys if k.startswith("reward_")]:  # the reward's other sub-scores
         if key[len("reward_"):] not in ("overall", "accuracy", "format"):
             m[f"reward/{key[len('reward_'):]}"] = float(batch[key].float().mean())
+            if bool(on_policy.any()) and not bool(on_policy.all()):  # e.g. tool_match of the on-policy rows alone
+                m[f"reward/{key[len('reward_'):]}_on"] = float(batch[key][on_policy].float().mean())
     if reasoning_words:
         m.update(reasoning_word_rates(list(batch["response_text"]), reasoning_words))
     return m
