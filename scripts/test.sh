@@ -13,4 +13,5 @@ xdist=()
 if [[ " $* " != *"not slow"* ]]; then
   .venv/bin/python -m mentor.models.tiny --seed 0
 fi
-exec .venv/bin/python -m pytest tests "${xdist[@]}" "$@"
+# the 20 slowest tests close the log: where CI time goes on the machine that ran it
+exec .venv/bin/python -m pytest tests "${xdist[@]}" --durations=20 "$@"
