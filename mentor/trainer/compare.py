@@ -440,6 +440,18 @@ def render_table(agg: dict[str, dict[str, Any]], title: str = "") -> str:
     return "\n".join(lines)
 
 
+def _plot_bands(ax: Any, curves: dict[str, list[list[float | None]]], seeds: dict[str, int]) -> None:
+    """One line per method on ``ax``: the mean of its ``[[step, mean, std]]`` curve with a ± std band."""
+    for m, curve in curves.items():
+        pts = [(s, mu, sd or 0.0) for s, mu, sd in curve if mu is not None]
+        if not pts:
+            continue
+        xs, mus, sds = zip(*pts)
+        line, = ax.plot(xs, mus, marker="o", markersize=3, label=f"{m} (n={seeds[m]})")
+        ax.fill_between(xs, [u - d for u, d in zip(mus, sds)], [u + d for u, d in zip(mus, sds)],
+                        color=line.get_color(), alpha=0.18, linewidth=0)
+
+
 def plot_curves(agg: dict[str, dict[str, Any]], path: str, title: str = "") -> str:
     """Greedy val accuracy vs step: mean line and a ± std band (over seeds) per method."""
     import matplotlib
@@ -448,14 +460,7 @@ def plot_curves(agg: dict[str, dict[str, Any]], path: str, title: str = "") -> s
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.8))
-    for m, a in agg.items():
-        pts = [(s, mu, sd or 0.0) for s, mu, sd in a["curve"] if mu is not None]
-        if not pts:
-            continue
-        xs, mus, sds = zip(*pts)
-        line, = ax.plot(xs, mus, marker="o", markersize=3, label=f"{m} (n={a['n']})")
-        ax.fill_between(xs, [u - d for u, d in zip(mus, sds)], [u + d for u, d in zip(mus, sds)],
-                        color=line.get_color(), alpha=0.18, linewidth=0)
+    _plot_bands(ax, {m: a["curve"] for m, a in agg.items()}, {m: a["n"] for m, a in agg.items()})
     ax.set(xlabel="step", ylabel="greedy val accuracy", title=title or "val accuracy, mean ± std over seeds")
     ax.title.set_fontsize(9)
     ax.grid(alpha=0.3)
@@ -514,15 +519,8 @@ def plot_tool_curves(agg: dict[str, dict[str, Any]], path: str, title: str = "")
               ("train_tool_curves", "turns", "train turns / response")]
     fig, axes = plt.subplots(2, 4, figsize=(15, 6.8))
     for ax, (field, name, label) in zip(axes.flat, panels):
-        for m, a in agg.items():
-            pts = [(s, mu, sd or 0.0) for s, mu, sd in (a[field] if name is None else a[field][name])
-                   if mu is not None]
-            if not pts:
-                continue
-            xs, mus, sds = zip(*pts)
-            line, = ax.plot(xs, mus, marker="o", markersize=3, label=f"{m} (n={a['n']})")
-            ax.fill_between(xs, [u - d for u, d in zip(mus, sds)], [u + d for u, d in zip(mus, sds)],
-                            color=line.get_color(), alpha=0.18, linewidth=0)
+        _plot_bands(ax, {m: a[field] if name is None else a[field][name] for m, a in agg.items()},
+                    {m: a["n"] for m, a in agg.items()})
         ax.set(xlabel="step", title=label)
         ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=7)
