@@ -43,7 +43,7 @@ def encode_tool_batch(tokenizer: Any, pairs: list[tuple[dict[str, Any], list]]
     Each segment is tokenized on its own, as the rollout loop appends it: a model turn is its text + eos (labels
     on), a tool turn its text (labels -100: attended to, never trained on).
     """
-    from mentor.models._tiny_train import IGNORE_INDEX
+    from mentor.models._tiny_train import IGNORE_INDEX, pad_sft_batch
 
     eos = tokenizer.eos_token_id
     seqs, labels = [], []
@@ -55,15 +55,7 @@ def encode_tool_batch(tokenizer: Any, pairs: list[tuple[dict[str, Any], list]]
             ids, lab = ids + part, lab + (part if seg.trained else [IGNORE_INDEX] * len(part))
         seqs.append(ids)
         labels.append(lab)
-    length = max(map(len, seqs))
-    out_ids = torch.full((len(seqs), length), tokenizer.pad_token_id, dtype=torch.long)
-    out_mask = torch.zeros((len(seqs), length), dtype=torch.long)
-    out_labels = torch.full((len(seqs), length), IGNORE_INDEX, dtype=torch.long)
-    for i, (ids, lab) in enumerate(zip(seqs, labels)):
-        out_ids[i, :len(ids)] = torch.tensor(ids)
-        out_mask[i, :len(ids)] = 1
-        out_labels[i, :len(ids)] = torch.tensor(lab)
-    return out_ids, out_mask, out_labels
+    return pad_sft_batch(seqs, labels, tokenizer.pad_token_id)
 
 
 def max_new_tokens(tokenizer: Any, rows: Sequence[dict[str, Any]]) -> int:

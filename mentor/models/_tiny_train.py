@@ -29,19 +29,26 @@ def encode_sft_batch(tokenizer, rows: list[dict]) -> tuple[torch.Tensor, torch.T
     """Right-padded (input_ids, attention_mask, labels), each [B, L]; labels cover the response only."""
     prompts = tokenizer([render_prompt(tokenizer, r["problem"]) for r in rows], add_special_tokens=False)
     responses = tokenizer([r["solution"] for r in rows], add_special_tokens=False)
-    seqs, n_prompt = [], []
+    seqs, labels = [], []
     for p, r in zip(prompts["input_ids"], responses["input_ids"]):
         seqs.append(p + r + [tokenizer.eos_token_id])
-        n_prompt.append(len(p))
+        labels.append([IGNORE_INDEX] * len(p) + r + [tokenizer.eos_token_id])
+    return pad_sft_batch(seqs, labels, tokenizer.pad_token_id)
+
+
+def pad_sft_batch(seqs: list[list[int]], labels: list[list[int]], pad_token_id: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token lists and their per-token labels (same lengths) -> right-padded (input_ids, attention_mask, labels),
+    each [B, L] with L the longest sequence; padding gets ``pad_token_id``, mask 0 and label IGNORE_INDEX."""
     length = max(map(len, seqs))
-    ids = torch.full((len(seqs), length), tokenizer.pad_token_id, dtype=torch.long)
+    ids = torch.full((len(seqs), length), pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), length), dtype=torch.long)
-    labels = torch.full((len(seqs), length), IGNORE_INDEX, dtype=torch.long)
-    for i, (seq, n) in enumerate(zip(seqs, n_prompt)):
+    out_labels = torch.full((len(seqs), length), IGNORE_INDEX, dtype=torch.long)
+    for i, (seq, lab) in enumerate(zip(seqs, labels)):
         ids[i, : len(seq)] = torch.tensor(seq)
         mask[i, : len(seq)] = 1
-        labels[i, n : len(seq)] = ids[i, n : len(seq)]
-    return ids, mask, labels
+        out_labels[i, : len(lab)] = torch.tensor(lab)
+    return ids, mask, out_labels
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int, floor: float = 0.1) -> float:
