@@ -140,7 +140,10 @@ def test_tiny_tool_policy_evaluation_reports_tool_metrics(tmp_path, monkeypatch)
                                          "tool_calls_used": r["tool_calls_used"]}) + "\n" for r in rows[4:]))
     tools = Path(__file__).resolve().parents[1] / "configs" / "tools" / "math_tools.yaml"
     report = E.run_evaluation("tiny_tool", [str(own), str(plain)],
-                              ["trainer.use_ray=false", "worker.rollout.val.n=2", "data.max_prompt_length=256",
+                              [f"worker.actor.model_path={paths['policy']}",  # all four: else the full tool
+                               f"worker.rollout.expert.model_path={paths['expert']}",  # build (~5 min) is made
+                               f"data.train_files={paths['train']}", f"data.val_files={paths['val']}",
+                               "trainer.use_ray=false", "worker.rollout.val.n=2", "data.max_prompt_length=256",
                                f"data.tools_file={tools}", f"trainer.output_dir={tmp_path}"])
     assert [m["prompts"] for m in report["by_data_source"].values()] == [4, 4]
     for m in (*report["by_data_source"].values(), report["all"]):
